@@ -1,0 +1,282 @@
+"""odeint / solve: validate the inputs, pick the solver and the gradient, return the solution."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .errors import InvalidInputError, NonFiniteError, UnknownNameError
+from .gradients import load_gradient
+from .loop import DEFAULT_MAX_STEPS
+from .problem import CountedField, Problem, TupleField
+from .solvers import SOLVERS, make_solver
+
+__all__ = ["odeint", "solve", "Solution", "METHOD_ALIASES"]
+
+# torchdiffeq's names for schemes that exist here.
+METHOD_ALIASES = {"explicit_adams": None, "fehlberg2": None, "adaptive_heun": "heun",
+                  "implicit_adams": None, "scipy_solver": None}
+
+_LOOP_OPTIONS = ("first_step", "adaptive", "norm")
+
+
+@dataclass
+class Solution:
+    """The outputs at `ts` and the statistics of the solve.
+
+    `stats` is filled by the forward pass and completed by the backward pass (nfe_backward,
+    recomputed steps, ...): read it after `loss.backward()` for the whole picture.
+    """
+
+    ts: Tensor
+    ys: Tensor | tuple[Tensor, ...]
+    stats: dict = field(default_factory=dict)
+
+
+def odeint(
+    f: Callable, y0: Tensor | Sequence[Tensor], t: Tensor, **kwargs
+) -> Tensor | tuple[Tensor, ...]:
+    """Solve y' = f(t, y) and return y at every time in t, shape (len(t), *y0.shape).
+
+    Same keywords as `solve`; y0 may be a tuple of tensors, giving a tuple of outputs.
+    """
+    return solve(f, y0, t, **kwargs).ys
+
+
+def solve(
+    f: Callable,
+    y0: Tensor | Sequence[Tensor],
+    t: Tensor,
+    *,
+    method: str = "dopri5",
+    rtol: float | Tensor | Sequence = 1e-6,
+    atol: float | Tensor | Sequence = 1e-8,
+    step_size: float | None = None,
+    gradient: str = "direct",
+    checkpoints: str | int | None = None,
+    params: Sequence[Tensor] | None = None,
+    max_steps: int = DEFAULT_MAX_STEPS,
+    **options,
+) -> Solution:
+    """Solve y' = f(t, y), y(t[0]) = y0, and return a `Solution` at the times t.
+
+    Args:
+        f: the vector field f(t, y) -> dy/dt, the shape of y (a tuple for a tuple state).
+        y0: the initial state: a floating-point tensor of any shape, or a tuple of them.
+        t: 1-D tensor of output times, strictly increasing or strictly decreasing.
+        method: the scheme; see `odegrad.METHODS`.
+        rtol, atol: tolerances of adaptive schemes (scalars or per-component tensors).
+        step_size: the step of fixed-step schemes (None: one step per output interval); the
+            first step of adaptive ones (None: chosen automatically). `adaptive=False` makes an
+            adaptive scheme take fixed steps of `step_size`.
+        gradient: how outputs are differentiated: direct | discrete | backsolve |
+            interpolated | reversible (those implemented: `odegrad.GRADIENTS`).
+        checkpoints: what `gradient="discrete"` keeps: "all", "solution" or an int budget.
+        params: tensors to differentiate besides y0 and t; default: f.parameters() when f is
+            an nn.Module.
+        max_steps: the most steps attempted before MaxStepsExceededError.
+        **options: method options (coupling=, eta=, ...) and gradient options (n_nodes=,
+            adjoint_rtol=, ...); an option nobody takes raises UnknownNameError.
+    """
+    stats: dict = {"nfe_forward": 0, "nfe_backward": 0}
+    method = _resolve_method(method)
+    y0_flat, shapes, is_tuple = _validate_y0(y0)
+    t = _validate_t(t, y0_flat)
+    if not isinstance(max_steps, int) or max_steps < 1:
+        raise InvalidInputError(f"max_steps must be a positive int, got {max_steps!r}")
+    gradient_module = load_gradient(gradient)
+
+    solver_options, gradient_options, loop_options = _split_options(
+        method, gradient_module, options
+    )
+    if checkpoints is not None:
+        if "checkpoints" not in getattr(gradient_module, "OPTIONS", ()):
+            raise InvalidInputError(
+                f"checkpoints= applies to gradient='discrete', not gradient={gradient!r}"
+            )
+        gradient_options["checkpoints"] = checkpoints
+    solver = make_solver(method, **solver_options)
+
+    field_ = TupleField(f, shapes) if is_tuple else f
+    counted = CountedField(field_, y0_flat, stats)
+    module = f if isinstance(f, torch.nn.Module) else None
+    if params is None:
+        params = list(module.parameters()) if module is not None else []
+    params = tuple(p for p in params if isinstance(p, Tensor) and p.requires_grad)
+
+    adaptive = loop_options.get("adaptive")
+    if adaptive and not solver.adaptive:
+        raise InvalidInputError(
+            f"method {method!r} has no error estimate, so it cannot take adaptive steps"
+        )
+    first_step = loop_options.get("first_step")
+    if first_step is not None and step_size is None:
+        step_size = first_step
+    if adaptive is False and step_size is None:
+        raise InvalidInputError("adaptive=False needs step_size=")
+    if step_size is not None and (not _is_positive_number(step_size)):
+        raise InvalidInputError(f"step_size must be a positive number, got {step_size!r}")
+
+    problem = Problem(
+        f=counted, y0=y0_flat, t=t, solver=solver, params=params,
+        rtol=_tolerance(rtol, y0_flat, shapes, is_tuple, "rtol"),
+        atol=_tolerance(atol, y0_flat, shapes, is_tuple, "atol"),
+        step_size=None if step_size is None else float(step_size),
+        adaptive=solver.adaptive if adaptive is None else adaptive,
+        max_steps=max_steps, stats=stats, module=module,
+        **({"norm": loop_options["norm"]} if "norm" in loop_options else {}),
+    )
+    check = getattr(gradient_module, "check", None)
+    if check is not None:
+        check(problem)
+    ys = gradient_module.solve(problem, **gradient_options)
+    if is_tuple:
+        ys = TupleField(f, shapes).unflatten(ys)
+    stats.setdefault("checkpoint_bytes", 0)
+    stats.setdefault("nfe_backward", 0)
+    return Solution(ts=t, ys=ys, stats=stats)
+
+
+def _is_positive_number(x) -> bool:
+    try:
+        return float(x) > 0.0
+    except (TypeError, ValueError):
+        return False
+
+
+def _resolve_method(method: str) -> str:
+    if not isinstance(method, str):
+        raise UnknownNameError(f"method must be a string, got {type(method).__name__}")
+    if method in METHOD_ALIASES:
+        target = METHOD_ALIASES[method]
+        if target is None:
+            raise UnknownNameError(
+                f"method {method!r} (torchdiffeq) is not implemented in odegrad; valid methods: "
+                f"{', '.join(sorted(SOLVERS))}"
+            )
+        return target
+    if method not in SOLVERS:
+        raise UnknownNameError(
+            f"unknown method {method!r}; valid methods: {', '.join(sorted(SOLVERS))}"
+        )
+    return method
+
+
+def _validate_y0(y0) -> tuple[Tensor, list[torch.Size], bool]:
+    is_tuple = isinstance(y0, (tuple, list))
+    parts = list(y0) if is_tuple else [y0]
+    if is_tuple and not parts:
+        raise InvalidInputError("y0 is an empty tuple")
+    for k, part in enumerate(parts):
+        name = f"y0[{k}]" if is_tuple else "y0"
+        if not isinstance(part, Tensor):
+            raise InvalidInputError(f"{name} must be a torch.Tensor, got {type(part).__name__}")
+        if not part.is_floating_point():
+            raise InvalidInputError(f"{name} must be floating point, got dtype {part.dtype}")
+        if part.dtype != parts[0].dtype or part.device != parts[0].device:
+            raise InvalidInputError(
+                f"{name} has dtype {part.dtype} on {part.device}, but y0[0] has dtype "
+                f"{parts[0].dtype} on {parts[0].device}: tuple states need one dtype and device"
+            )
+        if not bool(torch.isfinite(part).all()):
+            raise NonFiniteError(f"{name} holds non-finite values (inf or nan)")
+    if not is_tuple:
+        return y0, [y0.shape], False
+    return torch.cat([p.reshape(-1) for p in parts]), [p.shape for p in parts], True
+
+
+def _validate_t(t, y0: Tensor) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise InvalidInputError(
+            f"t must be a 1-D torch.Tensor, got {type(t).__name__}; use "
+            f"torch.tensor(t, dtype={y0.dtype})"
+        )
+    if t.dim() != 1:
+        raise InvalidInputError(f"t must be 1-D, got shape {tuple(t.shape)}")
+    if t.numel() == 0:
+        raise InvalidInputError("t is empty: give at least the initial time")
+    if t.device != y0.device:
+        raise InvalidInputError(f"t is on {t.device} but y0 is on {y0.device}")
+    if t.dtype != y0.dtype:
+        raise InvalidInputError(
+            f"t has dtype {t.dtype} but y0 has dtype {y0.dtype}; pass t.to(y0.dtype)"
+        )
+    values = t.detach().cpu().double()
+    if not bool(torch.isfinite(values).all()):
+        raise InvalidInputError("t holds non-finite values")
+    if len(values) > 1:
+        steps = values[1:] - values[:-1]
+        direction = 1.0 if float(values[-1] - values[0]) > 0 else -1.0
+        bad = (steps * direction <= 0).nonzero()
+        if len(bad) > 0:
+            i = int(bad[0])
+            kind = "duplicate" if float(steps[i]) == 0.0 else "non-monotonic"
+            raise InvalidInputError(
+                f"t must be strictly increasing or strictly decreasing: {kind} values "
+                f"t[{i}]={float(values[i]):.10g}, t[{i + 1}]={float(values[i + 1]):.10g}"
+            )
+    return t
+
+
+def _tolerance(value, y0: Tensor, shapes, is_tuple: bool, name: str):
+    if isinstance(value, (tuple, list)) and is_tuple:
+        if len(value) != len(shapes):
+            raise InvalidInputError(f"{name} has {len(value)} entries for {len(shapes)} states")
+        parts = [
+            torch.as_tensor(v, dtype=y0.dtype, device=y0.device).expand(s).reshape(-1)
+            for v, s in zip(value, shapes)
+        ]
+        value = torch.cat(parts)
+    if isinstance(value, Tensor):
+        value = value.to(dtype=y0.dtype, device=y0.device)
+        if value.numel() == 1:
+            value = float(value)
+        else:
+            try:
+                torch.broadcast_shapes(value.shape, y0.shape)
+            except RuntimeError:
+                raise InvalidInputError(
+                    f"{name} of shape {tuple(value.shape)} does not broadcast to y0's shape "
+                    f"{tuple(y0.shape)}"
+                ) from None
+            if bool((value < 0).any()):
+                raise InvalidInputError(f"{name} must be non-negative")
+            return value
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise InvalidInputError(f"{name} must be a number or a tensor, got {value!r}") from None
+    if value < 0:
+        raise InvalidInputError(f"{name} must be non-negative, got {value}")
+    return value
+
+
+def _split_options(method: str, gradient_module, options: dict) -> tuple[dict, dict, dict]:
+    """Route each option to the solver factory, the gradient method or the loop."""
+    factory = SOLVERS[method]
+    signature = inspect.signature(factory)
+    solver_names = {
+        name for name, p in signature.parameters.items()
+        if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and name != "tableau"
+    }
+    gradient_names = set(getattr(gradient_module, "OPTIONS", ()))
+    solver_options, gradient_options, loop_options = {}, {}, {}
+    for name, value in options.items():
+        if name in _LOOP_OPTIONS:
+            loop_options[name] = value
+        elif name in solver_names:
+            solver_options[name] = value
+        elif name in gradient_names:
+            gradient_options[name] = value
+        else:
+            valid = sorted(solver_names | gradient_names | set(_LOOP_OPTIONS))
+            raise UnknownNameError(
+                f"unknown option {name!r} for method={method!r} and gradient="
+                f"{gradient_module.__name__.rsplit('.', 1)[-1]!r}; valid options: "
+                f"{', '.join(valid) or 'none'}"
+            )
+    return solver_options, gradient_options, loop_options

@@ -1,0 +1,80 @@
+"""Step-size control: the error norm, the PI controller and the automatic initial step."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+Norm = Callable[[Tensor], Tensor]
+
+
+def rms_norm(x: Tensor) -> Tensor:
+    """Root mean square over every component (Hairer–Nørsett–Wanner II (4.11))."""
+    return x.pow(2).mean().sqrt()
+
+
+def scaled_error(
+    error: Tensor, y0: Tensor, y1: Tensor, rtol: Tensor | float, atol: Tensor | float,
+    norm: Norm = rms_norm,
+) -> Tensor:
+    """‖err / (atol + rtol · max(|y0|, |y1|))‖; a step is accepted when this is ≤ 1."""
+    scale = atol + rtol * torch.maximum(y0.abs(), y1.abs())
+    return norm(error / scale)
+
+
+@dataclass
+class PIController:
+    """Proportional–integral step-size control (Gustafsson; Hairer–Wanner IV.2 (2.43c)).
+
+    h_new = h · safety · ε_n^(−β₁/k) · ε_{n−1}^(β₂/k), with k = 1 + the embedded order, clipped
+    to [min_factor, max_factor]; after a rejection the step is never increased.
+    """
+
+    error_order: int
+    safety: float = 0.9
+    beta1: float = 0.7
+    beta2: float = 0.4
+    min_factor: float = 0.2
+    max_factor: float = 10.0
+    previous_error: float = 1.0
+
+    def propose(self, h: float, error_ratio: float, accepted: bool) -> float:
+        k = self.error_order + 1
+        if error_ratio == 0.0:
+            factor = self.max_factor
+        else:
+            factor = self.safety * error_ratio ** (-self.beta1 / k)
+            if accepted:
+                factor *= self.previous_error ** (self.beta2 / k)
+        factor = min(self.max_factor, max(self.min_factor, factor))
+        if accepted:
+            self.previous_error = max(error_ratio, 1e-4)
+        else:
+            factor = min(factor, 1.0)
+        return h * factor
+
+
+def initial_step_size(
+    f: Callable[[Tensor, Tensor], Tensor], t0: Tensor, y0: Tensor, f0: Tensor, direction: float,
+    order: int, rtol: Tensor | float, atol: Tensor | float, norm: Norm = rms_norm,
+) -> float:
+    """Hairer–Nørsett–Wanner I, II.4: h from ‖y0‖, ‖f0‖ and a difference estimate of ‖y''‖."""
+    scale = atol + rtol * y0.abs()
+    d0 = float(norm(y0 / scale))
+    d1 = float(norm(f0 / scale))
+    h0 = 1e-6 if d0 < 1e-5 or d1 < 1e-5 else 0.01 * d0 / d1
+    y1 = y0 + direction * h0 * f0
+    f1 = f(t0 + direction * h0, y1)
+    d2 = float(norm((f1 - f0) / scale)) / h0
+    if max(d1, d2) <= 1e-15:
+        h1 = max(1e-6, h0 * 1e-3)
+    else:
+        h1 = (0.01 / max(d1, d2)) ** (1.0 / (order + 1))
+    h = min(100 * h0, h1)
+    if not math.isfinite(h):
+        h = 1e-6
+    return direction * h

@@ -1,0 +1,276 @@
+"""The forward time loop: accepted steps, outputs by dense interpolation, stats and errors.
+
+The loop records what every gradient method replays (ALGORITHMS.md §1, "adaptive steps"): each
+accepted step's (t_n, h_n) as constants of the discrete scheme, tied to the output times `t`
+only through t_n = t[anchor] + offset and, for a step that lands on an output time,
+h_n = t[end_anchor] − t_n. A gradient w.r.t. `t` therefore flows through the first time, the
+clipped last step and the interpolation points, and nowhere through the controller.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .control import Norm, PIController, initial_step_size, rms_norm, scaled_error
+from .errors import MaxStepsExceededError, NonFiniteError, StepSizeUnderflowError
+from .solvers.base import Scalar, Solver, Step, VectorField
+
+DEFAULT_MAX_STEPS = 10_000
+_MAX_NONFINITE_RETRIES = 30
+
+
+@dataclass
+class StepRecord:
+    """One accepted step, as the gradient methods replay it."""
+
+    index: int
+    t: float  # t_n
+    h: float  # h_n
+    start_anchor: int  # t_n = t[start_anchor] + start_offset
+    start_offset: float
+    end_anchor: int | None = None  # if set, h_n = t[end_anchor] − t_n
+
+
+@dataclass
+class OutputRecord:
+    """Where output i was read: y0 itself (step −1), a step end (θ = 1) or inside a step."""
+
+    index: int
+    step: int
+    theta: float
+
+    @property
+    def at_step_end(self) -> bool:
+        return self.theta == 1.0
+
+
+@dataclass
+class Trajectory:
+    """The accepted steps and output locations of one forward solve."""
+
+    steps: list[StepRecord] = field(default_factory=list)
+    outputs: list[OutputRecord] = field(default_factory=list)
+
+    def step_time(self, t: Tensor, record: StepRecord) -> Tensor:
+        """t_n as a function of the output times (differentiable when t is)."""
+        return t[record.start_anchor] + record.start_offset
+
+    def step_size(self, t: Tensor, record: StepRecord, t_n: Tensor | None = None) -> Scalar:
+        """h_n: a constant, or t[end_anchor] − t_n for a step that lands on an output time."""
+        if record.end_anchor is None or not t.requires_grad:
+            return record.h
+        t_n = self.step_time(t, record) if t_n is None else t_n
+        return t[record.end_anchor] - t_n
+
+    def theta(self, t: Tensor, output: OutputRecord, t_n: Tensor, h: Scalar) -> Scalar:
+        """θ = (t_i − t_n)/h_n of an output inside a step (a tensor when t is differentiated)."""
+        if not t.requires_grad:
+            return output.theta
+        return (t[output.index] - t_n) / h
+
+
+OnStep = Callable[[StepRecord, Tensor, Step], None]
+
+
+def integrate(
+    f: VectorField,
+    y0: Tensor,
+    t: Tensor,
+    solver: Solver,
+    *,
+    rtol: Tensor | float = 1e-6,
+    atol: Tensor | float = 1e-8,
+    step_size: float | None = None,
+    adaptive: bool | None = None,
+    max_steps: int = DEFAULT_MAX_STEPS,
+    norm: Norm = rms_norm,
+    on_step: OnStep | None = None,
+    stats: dict | None = None,
+) -> tuple[list[Tensor], Trajectory]:
+    """Solve y' = f(t, y) from y0 at t[0] and return y at every t[i], with the trajectory.
+
+    Adaptive (the default for schemes with an embedded estimate): PI control with `rtol`,
+    `atol`; `step_size` is then the first step (chosen automatically when None). Fixed: steps
+    of `step_size` from t[0], the last one clipped to land on t[-1]; with no step size, one step
+    per output interval. Outputs between step ends come from the scheme's dense output.
+    Differentiable by autograd when run with grad enabled ("direct"); `on_step` sees every
+    accepted step (the gradient methods keep their checkpoints through it).
+    """
+    stats = {} if stats is None else stats
+    if adaptive is None:
+        adaptive = solver.adaptive
+    trajectory = Trajectory()
+    outputs: list[Tensor | None] = [None] * len(t)
+    outputs[0] = y0
+    trajectory.outputs.append(OutputRecord(0, -1, 0.0))
+    stats.update(n_steps=0, n_accepted=0, n_rejected=0)
+    if len(t) == 1:
+        return outputs, trajectory
+
+    times = [float(v) for v in t.detach().cpu().tolist()]
+    direction = 1.0 if times[-1] > times[0] else -1.0
+    t_end = times[-1]
+    time_grad = t.requires_grad and torch.is_grad_enabled()
+
+    state = solver.initial_state(y0)
+    carry = solver.init(f, t[0], state)
+    if adaptive:
+        controller = PIController(error_order=solver.error_order or solver.order)
+        if step_size is None:
+            f0 = solver.reuse_first_stage(carry)
+            if f0 is None:
+                f0 = f(t[0], y0)
+            with torch.no_grad():
+                h = initial_step_size(
+                    f, t[0].detach(), y0.detach(), f0.detach(), direction, solver.order, rtol,
+                    atol, norm,
+                )
+        else:
+            h = direction * abs(float(step_size))
+        plan = None
+    else:
+        plan = _fixed_plan(times, step_size, direction)
+
+    y, t_n, offset, anchor, next_output = state, times[0], 0.0, 0, 1
+    finite_flags: list[Tensor] = []
+    nonfinite_retries = 0
+    recent_steps: list[float] = []
+    while next_output < len(t):
+        if stats["n_steps"] >= max_steps:
+            raise MaxStepsExceededError(_max_steps_message(max_steps, t_n, times, recent_steps))
+        if plan is not None:
+            h, end_anchor, step_anchor, step_offset = plan[stats["n_accepted"]]
+        else:
+            step_anchor, step_offset, end_anchor = anchor, offset, None
+            if direction * (t_n + h - t_end) >= -1e-12 * max(abs(t_end), abs(h)):
+                h, end_anchor = t_end - t_n, len(t) - 1
+            if abs(h) <= 4 * torch.finfo(y.dtype).eps * max(abs(t_n), 1e-300):
+                raise StepSizeUnderflowError(
+                    f"step size underflow at t={t_n:.10g}: h={h:.3e} is below the resolution "
+                    f"of t; the problem may be stiff or singular there"
+                )
+        record = StepRecord(stats["n_accepted"], t_n, h, step_anchor, step_offset, end_anchor)
+        anchor_time = t[step_anchor] if time_grad else t[step_anchor].detach()
+        t_tensor = anchor_time + step_offset
+        h_used = trajectory.step_size(t, record, t_tensor) if time_grad else h
+        step = solver.step(f, t_tensor, h_used, y, carry)
+        stats["n_steps"] += 1
+
+        if plan is None:
+            ratio = float(scaled_error(
+                step.error.detach(), solver.observe(y).detach(), solver.observe(step.y).detach(),
+                rtol, atol,
+                norm,
+            ))
+            if not math.isfinite(ratio):
+                nonfinite_retries += 1
+                first = solver.reuse_first_stage(carry)
+                if nonfinite_retries > _MAX_NONFINITE_RETRIES or (
+                    first is not None and not bool(torch.isfinite(first).all())
+                ):
+                    raise NonFiniteError(
+                        f"f returned a non-finite value at t={t_n:.10g} (step size {h:.3e})"
+                    )
+                stats["n_rejected"] += 1
+                carry = step.retry_carry if step.retry_carry is not None else carry
+                h = h * controller.min_factor
+                continue
+            nonfinite_retries = 0
+            accepted = ratio <= 1.0
+            h_next = controller.propose(h, ratio, accepted)
+            if not accepted:
+                stats["n_rejected"] += 1
+                carry = step.retry_carry if step.retry_carry is not None else carry
+                h = h_next
+                continue
+        else:
+            finite_flags.append(torch.isfinite(step.y).all())
+
+        stats["n_accepted"] += 1
+        trajectory.steps.append(record)
+        if on_step is not None:
+            on_step(record, y, step)
+        t_next = t_end if end_anchor == len(t) - 1 else t_n + h
+        next_output = _emit_outputs(
+            solver, t, times, direction, record, t_tensor, h_used, y, step, t_next,
+            next_output, outputs, trajectory, time_grad,
+        )
+        recent_steps = (recent_steps + [abs(h)])[-20:]
+        y, carry = step.y, step.carry
+        if end_anchor is not None:
+            anchor, offset, t_n = end_anchor, 0.0, times[end_anchor]
+        else:
+            offset, t_n = offset + h, t_n + h
+        if plan is None:
+            h = h_next
+
+    if finite_flags:
+        flags = torch.stack(finite_flags)
+        if not bool(flags.all()):
+            bad = int((~flags).nonzero()[0])
+            record = trajectory.steps[bad]
+            raise NonFiniteError(
+                f"f returned a non-finite value in the step from t={record.t:.10g} to "
+                f"t={record.t + record.h:.10g}"
+            )
+    return outputs, trajectory
+
+
+def _emit_outputs(
+    solver, t, times, direction, record, t_tensor, h_used, y, step, t_next, next_output,
+    outputs, trajectory, time_grad,
+) -> int:
+    """Read every output time inside (t_n, t_{n+1}] from the step just accepted.
+
+    Only the step's anchored end is read as y_{n+1} itself; an output that merely coincides
+    with a grid point is read from the interpolant (θ ≈ 1), so its time derivative is right.
+    """
+    tol = 1e-12 * max(abs(t_next), abs(record.h))
+    while next_output < len(t) and direction * (times[next_output] - t_next) <= tol:
+        i = next_output
+        if i == record.end_anchor:
+            outputs[i] = solver.observe(step.y)
+            trajectory.outputs.append(OutputRecord(i, record.index, 1.0))
+        else:
+            theta_value = (times[i] - record.t) / record.h
+            output = OutputRecord(i, record.index, theta_value)
+            theta = trajectory.theta(t, output, t_tensor, h_used) if time_grad else theta_value
+            outputs[i] = solver.interpolate(y, h_used, step.dense, theta)
+            trajectory.outputs.append(output)
+        next_output += 1
+    return next_output
+
+
+def _fixed_plan(times: list[float], step_size: float | None, direction: float) -> list:
+    """(h, end_anchor, start_anchor, start_offset) of every step of a fixed-step solve."""
+    if step_size is None:
+        return [(times[i + 1] - times[i], i + 1, i, 0.0) for i in range(len(times) - 1)]
+    step = abs(float(step_size))
+    span = abs(times[-1] - times[0])
+    n = max(1, math.ceil(span / step * (1 - 1e-12)))
+    plan = [(direction * step, None, 0, direction * step * k) for k in range(n - 1)]
+    last_offset = direction * step * (n - 1)
+    plan.append((times[-1] - (times[0] + last_offset), len(times) - 1, 0, last_offset))
+    return plan
+
+
+def _max_steps_message(max_steps: int, t_n: float, times: list[float], recent: list[float]) -> str:
+    message = (
+        f"max_steps={max_steps} exceeded at t={t_n:.10g} while integrating from {times[0]:.10g} "
+        f"to {times[-1]:.10g}; raise max_steps or loosen rtol/atol"
+    )
+    span = abs(times[-1] - times[0])
+    median = sorted(recent)[len(recent) // 2] if recent else 0.0
+    if recent and median < 1e-4 * span:
+        message += (
+            f"; the steps collapsed to a median of {median:.3e}, {span / median:.1e} times "
+            "shorter than the interval: unless a low-order method at a tight tolerance explains "
+            "it, the problem looks stiff; try an implicit method such as method='kvaerno5', "
+            "'kvaerno3', 'implicit_euler' or 'crank_nicolson'"
+        )
+    return message

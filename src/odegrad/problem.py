@@ -1,0 +1,120 @@
+"""A validated ODE problem: what every gradient method receives from the API."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .control import Norm, rms_norm
+from .loop import DEFAULT_MAX_STEPS, Trajectory, integrate
+from .solvers.base import Solver, VectorField
+
+
+@dataclass
+class Problem:
+    """y' = f(t, y), y(t[0]) = y0, outputs at t; y0 is one tensor (tuples are flattened).
+
+    `f` counts its evaluations into `stats["nfe_forward"]` or, while `stats` has
+    `"_phase" == "backward"`, into `stats["nfe_backward"]`.
+    """
+
+    f: VectorField
+    y0: Tensor
+    t: Tensor
+    solver: Solver
+    params: tuple[Tensor, ...] = ()
+    rtol: Tensor | float = 1e-6
+    atol: Tensor | float = 1e-8
+    step_size: float | None = None
+    adaptive: bool | None = None
+    max_steps: int = DEFAULT_MAX_STEPS
+    norm: Norm = rms_norm
+    stats: dict = field(default_factory=dict)
+    module: torch.nn.Module | None = None  # f's module, when f is one (for buffer handling)
+
+    def integrate(self, y0: Tensor | None = None, on_step=None) -> tuple[list[Tensor], Trajectory]:
+        """Run the forward loop with this problem's settings (grad mode as the caller has it)."""
+        return integrate(
+            self.f, self.y0 if y0 is None else y0, self.t, self.solver,
+            rtol=self.rtol, atol=self.atol, step_size=self.step_size, adaptive=self.adaptive,
+            max_steps=self.max_steps, norm=self.norm, on_step=on_step, stats=self.stats,
+        )
+
+
+class CountedField:
+    """Wraps f: counts evaluations and checks the first output's shape, dtype and device."""
+
+    def __init__(self, f: VectorField, y0: Tensor, stats: dict, name: str = "f"):
+        self.f = f
+        self.stats = stats
+        self.name = name
+        self._checked = False
+        self._shape, self._dtype, self._device = y0.shape, y0.dtype, y0.device
+
+    def __call__(self, t: Tensor, y: Tensor) -> Tensor:
+        key = "nfe_backward" if self.stats.get("_phase") == "backward" else "nfe_forward"
+        self.stats[key] = self.stats.get(key, 0) + 1
+        out = self.f(t, y)
+        if not self._checked:
+            self._check(out, t)
+            self._checked = True
+        return out
+
+    def _check(self, out, t) -> None:
+        from .errors import InvalidInputError
+
+        where = f"at t={float(t.detach()):.6g}"
+        if not isinstance(out, Tensor):
+            raise InvalidInputError(
+                f"{self.name} returned {type(out).__name__} {where}, not a tensor"
+            )
+        if out.shape != self._shape:
+            raise InvalidInputError(
+                f"{self.name} returned shape {tuple(out.shape)} {where}, but y has shape "
+                f"{tuple(self._shape)}"
+            )
+        if out.dtype != self._dtype:
+            raise InvalidInputError(
+                f"{self.name} returned dtype {out.dtype} {where}, but y has dtype {self._dtype}"
+            )
+        if out.device != self._device:
+            raise InvalidInputError(
+                f"{self.name} returned a tensor on {out.device} {where}, but y is on {self._device}"
+            )
+
+
+class TupleField:
+    """f on a tuple state, seen as a field on the flat concatenation of its tensors."""
+
+    def __init__(self, f, shapes: list[torch.Size]):
+        self.f = f
+        self.shapes = shapes
+        self.sizes = [int(torch.Size(s).numel()) for s in shapes]
+
+    def unflatten(self, y: Tensor) -> tuple[Tensor, ...]:
+        """The tuple of tensors a flat state (with any leading dims) stands for."""
+        lead = y.shape[:-1]
+        return tuple(
+            part.reshape(*lead, *shape)
+            for part, shape in zip(torch.split(y, self.sizes, dim=-1), self.shapes)
+        )
+
+    def __call__(self, t: Tensor, y: Tensor) -> Tensor:
+        from .errors import InvalidInputError
+
+        out = self.f(t, self.unflatten(y))
+        if not isinstance(out, (tuple, list)) or len(out) != len(self.shapes):
+            raise InvalidInputError(
+                f"f must return a tuple of {len(self.shapes)} tensors for a tuple state, got "
+                f"{type(out).__name__}"
+            )
+        for k, (o, shape) in enumerate(zip(out, self.shapes)):
+            if not isinstance(o, Tensor) or o.shape != shape:
+                got = tuple(o.shape) if isinstance(o, Tensor) else type(o).__name__
+                raise InvalidInputError(
+                    f"f returned {got} for tuple element {k} at t={float(t.detach()):.6g}, "
+                    f"expected shape {tuple(shape)}"
+                )
+        return torch.cat([o.reshape(-1) for o in out])

@@ -1,0 +1,70 @@
+"""Explicit Runge–Kutta steps driven by a Butcher tableau (ALGORITHMS.md §1)."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from ..tableaus import ButcherTableau
+from .base import Scalar, Solver, Step, VectorField, axpy_sum
+
+
+class ExplicitRungeKutta(Solver):
+    """K_i = f(t + c_i h, y + h Σ_{j<i} a_ij K_j), y_next = y + h Σ b_i K_i.
+
+    The carry is f(t_n, y_n): the last stage of an FSAL scheme, or the first stage of the
+    previous attempt from the same point, so a rejected step never re-evaluates it.
+    """
+
+    def __init__(self, tableau: ButcherTableau):
+        if not tableau.explicit:
+            raise ValueError(f"tableau {tableau.name!r} is not explicit")
+        self.tableau = tableau
+        self.name = tableau.name
+        self.order = tableau.order
+        self.error_order = tableau.error_order
+        self._c = [float(c) for c in tableau.c]
+        self._a = [[float(v) for v in row[:i]] for i, row in enumerate(tableau.a)]
+        self._b = [float(v) for v in tableau.b]
+        self._e = None if tableau.error is None else [float(v) for v in tableau.error]
+
+    @property
+    def stages(self) -> int:
+        return self.tableau.stages
+
+    def init(self, f: VectorField, t0: Tensor, y0: Tensor) -> Tensor:
+        return f(t0, y0)
+
+    def reuse_first_stage(self, carry: Tensor) -> Tensor:
+        return carry
+
+    def stages_from(
+        self, f: VectorField, t: Tensor, h: Scalar, y: Tensor, k1: Tensor
+    ) -> tuple[list[Tensor], Tensor]:
+        """All stages K_1..K_s of the step given K_1 = f(t, y), and the last stage point Y_s."""
+        ks = [k1]
+        y_stage = y
+        for i in range(1, self.stages):
+            y_stage = axpy_sum(y, h, self._a[i], ks)
+            ks.append(f(t + self._c[i] * h, y_stage))
+        return ks, y_stage
+
+    def step(self, f: VectorField, t: Tensor, h: Scalar, y: Tensor, carry: Tensor | None) -> Step:
+        k1 = f(t, y) if carry is None else carry
+        ks, last_point = self.stages_from(f, t, h, y, k1)
+        if self.tableau.fsal:
+            # The last stage point is y_next itself (a_s = b), and K_s = f(t + h, y_next).
+            y_next, next_carry = last_point, ks[-1]
+        else:
+            y_next, next_carry = axpy_sum(y, h, self._b, ks), None
+        error = None if self._e is None else axpy_sum(None, h, self._e, ks)
+        return Step(y=y_next, error=error, dense=ks, carry=next_carry, retry_carry=k1)
+
+    def interpolate(self, y: Tensor, h: Scalar, dense: list[Tensor], theta: Scalar) -> Tensor:
+        return axpy_sum(y, h, self.dense_weights(theta), dense)
+
+    def dense_weights(self, theta: Scalar) -> list:
+        """b_i(θ) = Σ_k P[i, k] θ^(k+1); floats, or 0-dim tensors when θ is a tensor."""
+        if isinstance(theta, Tensor):
+            powers = [theta ** (k + 1) for k in range(self.tableau.dense.shape[1])]
+            return [sum(float(p) * q for p, q in zip(row, powers)) for row in self.tableau.dense]
+        return [float(v) for v in self.tableau.dense_weights(theta)]

@@ -1,0 +1,305 @@
+"""Butcher tableaus kept as data, with their orders and dense-output polynomials.
+
+A tableau describes one Runge–Kutta step (ALGORITHMS.md §1)
+
+    K_i = f(t_n + c_i h, Y_i),   Y_i = y_n + h Σ_j a_ij K_j,   y_{n+1} = y_n + h Σ_i b_i K_i
+
+with an optional embedded error estimate err = h Σ_i e_i K_i (e = b − b̂) and a dense output
+
+    y(t_n + θh) = y_n + h Σ_i b_i(θ) K_i,   b_i(θ) = Σ_k P[i, k] θ^(k+1),
+
+so that every interpolant is linear in the stages: a gradient method can pull an output back
+through it with one VJP per stage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = ["ButcherTableau", "TABLEAUS", "EXPLICIT_METHODS"]
+
+
+@dataclass(frozen=True)
+class ButcherTableau:
+    """One Runge–Kutta scheme as arrays of float64 coefficients."""
+
+    name: str
+    c: np.ndarray  # (s,)
+    a: np.ndarray  # (s, s), strictly lower triangular for explicit schemes
+    b: np.ndarray  # (s,)
+    order: int
+    error: np.ndarray | None = None  # (s,) e = b - b_hat, or None for fixed-step schemes
+    error_order: int | None = None  # order of the embedded solution
+    fsal: bool = False  # last stage is f(t_{n+1}, y_{n+1}), reused as the next first stage
+    dense: np.ndarray = field(default=None)  # (s, degree): b_i(θ) = Σ_k dense[i, k] θ^(k+1)
+
+    @property
+    def stages(self) -> int:
+        return len(self.c)
+
+    @property
+    def adaptive(self) -> bool:
+        return self.error is not None
+
+    @property
+    def explicit(self) -> bool:
+        return bool(np.all(np.triu(self.a) == 0.0))
+
+    def dense_weights(self, theta: float) -> np.ndarray:
+        """b_i(θ) for every stage i."""
+        powers = theta ** np.arange(1, self.dense.shape[1] + 1)
+        return self.dense @ powers
+
+
+def _hermite_quartic(b: np.ndarray, mid: np.ndarray, s: int) -> np.ndarray:
+    """Dense weights of the quartic through y_n, y_{n+1}, y_{n+1/2}, h f_n, h f_{n+1}.
+
+    Used for FSAL schemes (K_1 = f_n, K_s = f_{n+1}) whose midpoint y_n + h Σ m_i K_i is given
+    (Shampine's approach for dopri5, also used by torchdiffeq). The quartic p(θ) is written in
+    the Lagrange–Hermite basis φ (values at 0, 1/2, 1) and ψ (slopes at 0 and 1); since the
+    φ sum to one, p(θ) = y_n + h[φ_1 Σ b_i K_i + φ_m Σ m_i K_i + ψ_0 K_1 + ψ_1 K_s].
+    """
+    # Rows: conditions p(0), p(1/2), p(1), p'(0), p'(1) on the monomials 1, θ, …, θ^4.
+    conditions = np.array(
+        [
+            [1, 0, 0, 0, 0],
+            [1, 0.5, 0.25, 0.125, 0.0625],
+            [1, 1, 1, 1, 1],
+            [0, 1, 0, 0, 0],
+            [0, 1, 2, 3, 4],
+        ],
+        dtype=np.float64,
+    )
+    basis = np.linalg.solve(conditions, np.eye(5))  # column j = coefficients of basis poly j
+    phi_mid, phi_end, psi_start, psi_end = basis[1:, 1], basis[1:, 2], basis[1:, 3], basis[1:, 4]
+    dense = np.outer(b, phi_end) + np.outer(mid, phi_mid)
+    dense[0] += psi_start
+    dense[s - 1] += psi_end
+    return dense
+
+
+def _hermite_cubic_fsal(b: np.ndarray, s: int) -> np.ndarray:
+    """Dense weights of the cubic Hermite interpolant through (y_n, f_n) and (y_{n+1}, f_{n+1})."""
+    h01 = np.array([0.0, 3.0, -2.0])  # coefficients of θ, θ², θ³
+    h10 = np.array([1.0, -2.0, 1.0])
+    h11 = np.array([0.0, -1.0, 1.0])
+    dense = np.outer(b, h01)
+    dense[0] += h10
+    dense[s - 1] += h11
+    return dense
+
+
+def _tableau(name, c, a_rows, b, order, error=None, error_order=None, fsal=False, dense=None):
+    s = len(c)
+    a = np.zeros((s, s))
+    for i, row in enumerate(a_rows, start=1):
+        a[i, : len(row)] = row
+    return ButcherTableau(
+        name=name,
+        c=np.asarray(c, dtype=np.float64),
+        a=a,
+        b=np.asarray(b, dtype=np.float64),
+        order=order,
+        error=None if error is None else np.asarray(error, dtype=np.float64),
+        error_order=error_order,
+        fsal=fsal,
+        dense=np.asarray(dense, dtype=np.float64),
+    )
+
+
+EULER = _tableau("euler", [0.0], [], [1.0], order=1, dense=[[1.0]])
+
+MIDPOINT = _tableau(
+    "midpoint", [0.0, 0.5], [[0.5]], [0.0, 1.0], order=2,
+    dense=[[1.0, -1.0], [0.0, 1.0]],
+)
+
+# Heun's method with Euler embedded: err = y_heun − y_euler.
+HEUN = _tableau(
+    "heun", [0.0, 1.0], [[1.0]], [0.5, 0.5], order=2,
+    error=[-0.5, 0.5], error_order=1,
+    dense=[[1.0, -0.5], [0.0, 0.5]],
+)
+
+# Classical RK4 with its third-order continuous extension (Hairer–Nørsett–Wanner II.6).
+RK4 = _tableau(
+    "rk4", [0.0, 0.5, 0.5, 1.0], [[0.5], [0.0, 0.5], [0.0, 0.0, 1.0]],
+    [1 / 6, 1 / 3, 1 / 3, 1 / 6], order=4,
+    dense=[
+        [1.0, -1.5, 2 / 3],
+        [0.0, 1.0, -2 / 3],
+        [0.0, 1.0, -2 / 3],
+        [0.0, -0.5, 2 / 3],
+    ],
+)
+
+_BOSH3_B = np.array([2 / 9, 1 / 3, 4 / 9, 0.0])
+BOSH3 = _tableau(
+    "bosh3", [0.0, 0.5, 0.75, 1.0], [[0.5], [0.0, 0.75], [2 / 9, 1 / 3, 4 / 9]],
+    _BOSH3_B, order=3,
+    error=_BOSH3_B - np.array([7 / 24, 1 / 4, 1 / 3, 1 / 8]), error_order=2, fsal=True,
+    dense=_hermite_cubic_fsal(_BOSH3_B, 4),
+)
+
+_DOPRI5_B = np.array([35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84, 0.0])
+_DOPRI5_B_HAT = np.array(
+    [5179 / 57600, 0.0, 7571 / 16695, 393 / 640, -92097 / 339200, 187 / 2100, 1 / 40]
+)
+# Shampine's midpoint weights for the Dormand–Prince pair.
+_DOPRI5_MID = 0.5 * np.array(
+    [
+        6025192743 / 30085553152, 0.0, 51252292925 / 65400821598, -2691868925 / 45128329728,
+        187940372067 / 1594534317056, -1776094331 / 19743644256, 11237099 / 235043384,
+    ]
+)
+DOPRI5 = _tableau(
+    "dopri5", [0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0],
+    [
+        [1 / 5],
+        [3 / 40, 9 / 40],
+        [44 / 45, -56 / 15, 32 / 9],
+        [19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729],
+        [9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656],
+        [35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84],
+    ],
+    _DOPRI5_B, order=5, error=_DOPRI5_B - _DOPRI5_B_HAT, error_order=4, fsal=True,
+    dense=_hermite_quartic(_DOPRI5_B, _DOPRI5_MID, 7),
+)
+
+# Tsitouras 5(4) (Tsitouras 2011), with its own fourth-order interpolant.
+_TSIT5_C = [0.0, 0.161, 0.327, 0.9, 0.9800255409045097, 1.0, 1.0]
+_TSIT5_A = [
+    [0.161],
+    [-0.008480655492356989, 0.335480655492357],
+    [2.8971530571054935, -6.359448489975075, 4.3622954328695815],
+    [5.325864828439257, -11.748883564062828, 7.4955393428898365, -0.09249506636175525],
+    [5.86145544294642, -12.92096931784711, 8.159367898576159, -0.071584973281401,
+     -0.028269050394068383],
+    [0.09646076681806523, 0.01, 0.4798896504144996, 1.379008574103742, -3.290069515436081,
+     2.324710524099774],
+]
+_TSIT5_B = np.array(_TSIT5_A[-1] + [0.0])
+_TSIT5_ERROR = np.array(
+    [
+        -0.0017800110522257774, -0.0008164344596567469, 0.007880878010261995,
+        -0.1447110071732629, 0.5823571654525552, -0.45808210592918697, 1 / 66,
+    ]
+)
+
+
+def _tsit5_dense() -> np.ndarray:
+    """Tsitouras' b_i(θ), each a product of factors, expanded into monomials θ^1..θ^4."""
+    poly = np.polynomial.polynomial
+    factors = [
+        (-1.0530884977290216, [[0, 1], [-1.329989018975412, 1], [0.7139816917074209,
+                                                                  -1.4364028541716351, 1]]),
+        (0.1017, [[0, 0, 1], [1.2949852507374631, -2.1966568338249754, 1]]),
+        (2.490627285651252793, [[0, 0, 1], [1.57803468208092486, -2.38535645472061657, 1]]),
+        (-16.54810288924490272, [[-1.21712927295533244, 1], [-0.61620406037800089, 1],
+                                 [0, 0, 1]]),
+        (47.37952196281928122, [[-1.203071208372362603, 1], [-0.658047292653547382, 1],
+                                [0, 0, 1]]),
+        (-34.87065786149660974, [[-1.2, 1], [-2 / 3, 1], [0, 0, 1]]),
+        (2.5, [[-1.0, 1], [-0.6, 1], [0, 0, 1]]),
+    ]
+    dense = np.zeros((7, 4))
+    for i, (scale, parts) in enumerate(factors):
+        coefficients = np.array([scale])
+        for part in parts:
+            coefficients = poly.polymul(coefficients, part)
+        coefficients = np.pad(coefficients, (0, 5 - len(coefficients)))
+        dense[i] = coefficients[1:5]  # b_i(0) = 0
+    return dense
+
+
+TSIT5 = _tableau(
+    "tsit5", _TSIT5_C, _TSIT5_A, _TSIT5_B, order=5, error=_TSIT5_ERROR, error_order=4, fsal=True,
+    dense=_tsit5_dense(),
+)
+
+# Prince–Dormand RK8(7)13M, with a 14th FSAL stage f(t_{n+1}, y_{n+1}) for the interpolant.
+_DOPRI8_C = [
+    0.0, 1 / 18, 1 / 12, 1 / 8, 5 / 16, 3 / 8, 59 / 400, 93 / 200, 5490023248 / 9719169821,
+    13 / 20, 1201146811 / 1299019798, 1.0, 1.0, 1.0,
+]
+_DOPRI8_A = [
+    [1 / 18],
+    [1 / 48, 1 / 16],
+    [1 / 32, 0, 3 / 32],
+    [5 / 16, 0, -75 / 64, 75 / 64],
+    [3 / 80, 0, 0, 3 / 16, 3 / 20],
+    [29443841 / 614563906, 0, 0, 77736538 / 692538347, -28693883 / 1125000000,
+     23124283 / 1800000000],
+    [16016141 / 946692911, 0, 0, 61564180 / 158732637, 22789713 / 633445777,
+     545815736 / 2771057229, -180193667 / 1043307555],
+    [39632708 / 573591083, 0, 0, -433636366 / 683701615, -421739975 / 2616292301,
+     100302831 / 723423059, 790204164 / 839813087, 800635310 / 3783071287],
+    [246121993 / 1340847787, 0, 0, -37695042795 / 15268766246, -309121744 / 1061227803,
+     -12992083 / 490766935, 6005943493 / 2108947869, 393006217 / 1396673457,
+     123872331 / 1001029789],
+    [-1028468189 / 846180014, 0, 0, 8478235783 / 508512852, 1311729495 / 1432422823,
+     -10304129995 / 1701304382, -48777925059 / 3047939560, 15336726248 / 1032824649,
+     -45442868181 / 3398467696, 3065993473 / 597172653],
+    [185892177 / 718116043, 0, 0, -3185094517 / 667107341, -477755414 / 1098053517,
+     -703635378 / 230739211, 5731566787 / 1027545527, 5232866602 / 850066563,
+     -4093664535 / 808688257, 3962137247 / 1805957418, 65686358 / 487910083],
+    [403863854 / 491063109, 0, 0, -5068492393 / 434740067, -411421997 / 543043805,
+     652783627 / 914296604, 11173962825 / 925320556, -13158990841 / 6184727034,
+     3936647629 / 1978049680, -160528059 / 685178525, 248638103 / 1413531060, 0],
+]
+_DOPRI8_B = np.array(
+    [14005451 / 335480064, 0, 0, 0, 0, -59238493 / 1068277825, 181606767 / 758867731,
+     561292985 / 797845732, -1041891430 / 1371343529, 760417239 / 1151165299,
+     118820643 / 751138087, -528747749 / 2220607170, 1 / 4, 0]
+)
+_DOPRI8_B_HAT = np.array(
+    [13451932 / 455176623, 0, 0, 0, 0, -808719846 / 976000145, 1757004468 / 5645159321,
+     656045339 / 265891186, -3867574721 / 1518517206, 465885868 / 322736535,
+     53011238 / 667516719, 2 / 45, 0, 0]
+)
+
+
+def _dopri8_mid() -> np.ndarray:
+    """Midpoint weights m_i (y_{n+1/2} = y_n + h Σ m_i K_i) of the RK8(7)13M dense output."""
+    x = 0.5
+    rows = {
+        0: [-6.3448349392860401388, 22.1396504998094068976, -30.0610568289666450593,
+            19.9990069333683970610, -6.6910181737837595697, 1.0],
+        5: [-39.6107919852202505218, 116.4422149550342161651, -121.4999627731334642623,
+            52.2273532792945524050, -7.6142658045872677172, 0.0],
+        6: [20.3761213808791436958, -67.1451318825957197185, 83.1721004639847717481,
+            -46.8919164181093621583, 10.7281392630428866124, 0.0],
+        7: [7.3347098826795362023, -16.5672243527496524646, 9.5724507555993664382,
+            -0.1890893225010595467, 0.5526637063753648783, 0.0],
+        8: [32.8801774352459155182, -89.9916014847245016028, 87.8406057677205645007,
+            -35.7075975946222072821, 4.2186562625665153803, 0.0],
+        9: [-10.1588990526426760954, 22.6237489648532849093, -17.4152107770762969005,
+            6.2736448083240352160, -0.6627209125361597559, 0.0],
+        10: [-12.5401268098782561200, 32.2362340167355370113, -28.5903289514790976966,
+             10.3160881272450748458, -1.2636789001135462218, 0.0],
+        11: [29.5553001484516038033, -82.1020315488359848644, 81.6630950584341412934,
+             -34.7650769866611817349, 5.4106037898590422230, 0.0],
+        12: [-41.7923486424390588923, 116.2662185791119533462, -114.9375291377009418170,
+             47.7457971078225540396, -7.0321379067945741781, 0.0],
+        13: [20.3006925822100825485, -53.9020777466385396792, 50.2558364226176017553,
+             -19.0082099341608028453, 2.3537586759714983486, 0.0],
+    }
+    mid = np.zeros(14)
+    for i, coefficients in rows.items():
+        # coefficients of x^5 … x^0, then multiplied by x (the weights carry a factor h·x).
+        mid[i] = np.polyval(coefficients, x) * x
+    return mid
+
+
+DOPRI8 = _tableau(
+    "dopri8", _DOPRI8_C, _DOPRI8_A + [list(_DOPRI8_B[:13])], _DOPRI8_B, order=8,
+    error=_DOPRI8_B - _DOPRI8_B_HAT, error_order=7, fsal=True,
+    dense=_hermite_quartic(_DOPRI8_B, _dopri8_mid(), 14),
+)
+
+TABLEAUS: dict[str, ButcherTableau] = {
+    t.name: t for t in (EULER, MIDPOINT, HEUN, RK4, BOSH3, DOPRI5, TSIT5, DOPRI8)
+}
+EXPLICIT_METHODS = tuple(TABLEAUS)

@@ -1,0 +1,25 @@
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+class MLPField(torch.nn.Module):
+    """A tanh MLP vector field that also depends on t (used across gradient tests)."""
+
+    def __init__(self, dim: int = 3, hidden: int = 8, dtype=torch.float64):
+        super().__init__()
+        self.l1 = torch.nn.Linear(dim + 1, hidden, dtype=dtype)
+        self.l2 = torch.nn.Linear(hidden, dim, dtype=dtype)
+
+    def forward(self, t, y):
+        tt = t.expand(*y.shape[:-1], 1)
+        return self.l2(torch.tanh(self.l1(torch.cat([y, tt], dim=-1))))
+
+
+@pytest.fixture
+def mlp_field():
+    return MLPField()
