@@ -617,6 +617,7 @@ def run_compare(config: Config, progress: bool | None = None) -> dict:
               disable=None if progress is None else not progress, leave=False) as bar:
         for name in [None, *schemes]:
             bar.set_postfix_str(f"reference {name or 'ODE'}")
+            ref_start = time.perf_counter()
             try:
                 if name is None:
                     references["ode"] = ode_reference(config)
@@ -624,16 +625,20 @@ def run_compare(config: Config, progress: bool | None = None) -> dict:
                     references["scheme"][name] = scheme_reference(config, name)
             except Exception as error:  # noqa: BLE001 - reported with the rows it affects
                 meta["reference_errors"][name or "ode"] = f"{type(error).__name__}: {error}"
+            meta.setdefault("reference_s", {})[name or "ode"] = time.perf_counter() - ref_start
             bar.update()
         with tempfile.TemporaryDirectory(prefix="odegrad-compare-") as tmp:
             references_path = str(Path(tmp, "references.pt"))
             torch.save(references, references_path)
             for row in rows:
                 bar.set_postfix_str(row.label)
+                row_start = time.perf_counter()
                 if config.isolate:
-                    results.append(measure_isolated(config, row, references_path))
+                    result = measure_isolated(config, row, references_path)
                 else:
-                    results.append(measure(config, row, references))
+                    result = measure(config, row, references)
+                result["wall_s"] = time.perf_counter() - row_start
+                results.append(result)
                 bar.update()
     meta["wall_s"] = time.perf_counter() - started
     return {"meta": meta, "config": asdict(config), "rows": results}
