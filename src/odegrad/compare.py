@@ -304,9 +304,11 @@ def plan_rows(config: Config) -> list[Row]:
             if method == "alf" or method.startswith("reversible_"):
                 rows.append(Row("reversible", "odegrad", gradient, method, {}, method, True))
                 continue
+            # gradient="reversible" wraps a plain explicit method as reversible_<method>
             wrapped = f"reversible_{method}"
+            known = wrapped in SOLVERS
             rows.append(Row("reversible", "odegrad", gradient, method, {},
-                            wrapped if wrapped in SOLVERS else None, True))
+                            wrapped if known else None, True, wrapped if known else method))
             if "alf" in SOLVERS:
                 rows.append(Row("reversible (alf)", "odegrad", gradient, "alf", {}, "alf", True))
         else:
