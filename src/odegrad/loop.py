@@ -150,6 +150,11 @@ def integrate(
             if direction * (t_n + h - t_end) >= -1e-12 * max(abs(t_end), abs(h)):
                 h, end_anchor = t_end - t_n, len(t) - 1
             if abs(h) <= 4 * torch.finfo(y.dtype).eps * max(abs(t_n), 1e-300):
+                if nonfinite_retries:
+                    raise NonFiniteError(
+                        f"f returned a non-finite value at t={t_n:.10g}: every step past it, "
+                        f"down to h={h:.3e}, produced inf or nan"
+                    )
                 raise StepSizeUnderflowError(
                     f"step size underflow at t={t_n:.10g}: h={h:.3e} is below the resolution "
                     f"of t; the problem may be stiff or singular there"
