@@ -19,6 +19,9 @@ interpolated outputs. Any other `Solver` is served by replaying its step under a
   int c: at most c states (y_0 included) under a binomial schedule: revolve (offline) when the
       steps are fixed, so N is known, with the least number of recomputed steps; dynamic
       checkpointing (online) for adaptive steps, the segments then reversed offline.
+stats: nfe_backward; n_recomputed_steps (steps re-run without a graph: to rebuild states or
+stages; the generic path's replays are its VJPs and do not count); checkpoint_bytes (the peak
+bytes of checkpoints, each tensor counted once, y_0 included); checkpoints (the policy used).
 `memory_budget=` bytes picks one: "all" if it fits, else "solution", else c = budget // (d
 bytes); for adaptive steps (N unknown) c = budget // (d bytes).
 
@@ -68,7 +71,8 @@ _INIT = object()  # the carry of step 0: the solver's `init`, re-run when needed
 
 @dataclasses.dataclass(frozen=True)
 class Policy:
-    """What the forward pass keeps: "all", "solution" or "binomial" with `slots` states."""
+    """What the forward pass keeps: "all", "solution", "binomial" with `slots` states, or
+    "none" (no gradient wanted)."""
 
     kind: str
     slots: int | None = None
@@ -95,13 +99,12 @@ def solve(
     """Outputs at problem.t, stacked, differentiable w.r.t. y0, t and problem.params."""
     policy = resolve_policy(problem, checkpoints, memory_budget)
     problem.stats.update(checkpoint_bytes=0, n_recomputed_steps=0, checkpoints=policy.describe())
+    if reproduce_rng is None:
+        reproduce_rng = _has_active_dropout(problem.module)
     wanted = problem.y0.requires_grad or problem.t.requires_grad or bool(problem.params)
     if not (wanted and torch.is_grad_enabled()):
         with torch.no_grad():
-            outputs, _ = problem.integrate()
-        return torch.stack(outputs)
-    if reproduce_rng is None:
-        reproduce_rng = _has_active_dropout(problem.module)
+            return _Run(problem, Policy("none"), bool(reproduce_rng)).forward()
     run = _Run(problem, policy, bool(reproduce_rng))
     return _DiscreteAdjoint.apply(run, problem.y0, problem.t, *problem.params)
 
@@ -250,15 +253,21 @@ class _Store:
 class _Streams:
     """A seed for every evaluation of f, so that a re-run draws the same random numbers."""
 
-    def __init__(self):
+    def __init__(self, device: torch.device):
         self.base = int(torch.randint(0, 2**62, ()))
+        self.generators = [torch.default_generator]
+        if device.type == "cuda":
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            self.generators.append(torch.cuda.default_generators[index])
         self.count = 0
         self.key_of: dict[int, int] = {}  # id(f's output) -> its key, for explicit stages
         self.attempt = range(0)  # keys of the last solver.step / solver.init call
         self.init_keys = range(0)
 
     def seed(self, key: int) -> None:
-        torch.manual_seed((self.base + 0x9E3779B97F4A7C15 * (key + 1)) % 2**63)
+        seed = (self.base + 0x9E3779B97F4A7C15 * (key + 1)) % 2**63
+        for generator in self.generators:  # torch.manual_seed would cost ~0.4 ms
+            generator.manual_seed(seed)
 
     def recording(self, f: Callable) -> Callable:
         """f for the forward pass: each call seeded with a new key."""
@@ -355,7 +364,7 @@ class _Run:
         self.solver = problem.solver
         self.rk = _is_plain_rk(self.solver)
         self.has_step_vjp = hasattr(self.solver, "step_vjp")
-        self.streams = _Streams() if reproduce_rng else None
+        self.streams = _Streams(problem.y0.device) if reproduce_rng else None
         self.store = _Store()
         self.trajectory: Trajectory | None = None
         self.stage_keys: list[list[int]] = []  # explicit RK: key of every stage of every step
@@ -400,7 +409,7 @@ class _Run:
                     if n == 0:
                         keys = list(streams.init_keys) + list(keys)
                     self.step_keys.append(keys)
-            keep = keep_all or n == 0
+            keep = keep_all or (n == 0 and policy.kind != "none")
             if positions is not None:
                 keep = n in positions
             elif online is not None and n > 0:
@@ -426,18 +435,21 @@ class _Run:
             outputs, self.trajectory = run_problem.integrate(on_step=on_step)
         if streams is not None:
             streams.key_of = {}
-        problem.stats["checkpoint_bytes"] = self.store.peak
+        problem.stats["checkpoint_bytes"] = self.forward_peak = self.store.peak
+        self.saved: list[Tensor] = []
+        self.template = _pack(self.store.kept, self.saved, {})
+        self.store = None  # the checkpoints now live in ctx.save_for_backward only
         return torch.stack(outputs)
 
     # ---- backward ---------------------------------------------------------------------------
 
-    def backward(self, grad_ys: Tensor, needs_input_grad) -> tuple:
-        if self.trajectory is None:
-            raise RuntimeError(
-                "gradient='discrete' consumed its checkpoints in a first backward pass; a second "
-                "one (retain_graph=True) is not supported"
-            )
+    def backward(self, grad_ys: Tensor, saved: tuple[Tensor, ...], needs_input_grad) -> tuple:
+        """The reverse sweep; the checkpoints come back from ctx.saved_tensors, so autograd
+        frees them after the backward pass unless retain_graph=True."""
         problem = self.problem
+        self.store = _Store()
+        for n, kept in _unpack(self.template, saved).items():
+            self.store.save(n, kept)
         stats = problem.stats
         phase = stats.get("_phase")
         stats["_phase"] = "backward"
@@ -450,9 +462,8 @@ class _Run:
                 stats.pop("_phase", None)
             else:
                 stats["_phase"] = phase
-            self.trajectory = None
-            stats["checkpoint_bytes"] = self.store.peak
-            self.store = _Store()
+            stats["checkpoint_bytes"] = max(self.forward_peak, self.store.peak)
+            self.store = None
         return result
 
 
@@ -503,7 +514,7 @@ class _Backward:
             if g_t is not None:
                 self.t_bar[0] += g_t
         y0_bar = _sum(self.grad_ys[0], self.initial_state_vjp(lam))
-        self.problem.stats["n_recomputed_steps"] = self.recomputed
+        self.problem.stats["n_recomputed_steps"] += self.recomputed
         return (y0_bar, self.t_bar, *self.param_bars)
 
     def execute(self, schedule: Schedule) -> None:
@@ -791,6 +802,47 @@ class _Backward:
         return g
 
 
+@dataclasses.dataclass(frozen=True)
+class _Slot:
+    index: int
+
+
+def _pack(obj: Any, saved: list[Tensor], index: dict[int, int]) -> Any:
+    """obj with every tensor replaced by its slot in `saved` (each tensor saved once)."""
+    if isinstance(obj, Tensor):
+        if id(obj) not in index:
+            index[id(obj)] = len(saved)
+            saved.append(obj)
+        return _Slot(index[id(obj)])
+    if isinstance(obj, (list, tuple)):
+        items = [_pack(x, saved, index) for x in obj]
+        return items if isinstance(obj, list) else tuple(items)
+    if isinstance(obj, dict):
+        return {k: _pack(v, saved, index) for k, v in obj.items()}
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.replace(obj, **{
+            f.name: _pack(getattr(obj, f.name), saved, index)
+            for f in dataclasses.fields(obj) if f.init
+        })
+    return obj
+
+
+def _unpack(obj: Any, saved: tuple[Tensor, ...]) -> Any:
+    if isinstance(obj, _Slot):
+        return saved[obj.index]
+    if isinstance(obj, (list, tuple)):
+        items = [_unpack(x, saved) for x in obj]
+        return items if isinstance(obj, list) else tuple(items)
+    if isinstance(obj, dict):
+        return {k: _unpack(v, saved) for k, v in obj.items()}
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.replace(obj, **{
+            f.name: _unpack(getattr(obj, f.name), saved)
+            for f in dataclasses.fields(obj) if f.init
+        })
+    return obj
+
+
 def _sum(a, b):
     if a is None:
         return b
@@ -822,11 +874,15 @@ class _DiscreteAdjoint(torch.autograd.Function):
     @staticmethod
     def forward(ctx, run: _Run, y0: Tensor, t: Tensor, *params: Tensor) -> Tensor:
         ctx.run = run
-        return run.forward()
+        ys = run.forward()
+        ctx.save_for_backward(*run.saved)
+        run.saved = None
+        return ys
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_ys: Tensor):
-        y0_bar, t_bar, *param_bars = ctx.run.backward(grad_ys, ctx.needs_input_grad)
-        ctx.run = None
+        y0_bar, t_bar, *param_bars = ctx.run.backward(
+            grad_ys, ctx.saved_tensors, ctx.needs_input_grad
+        )
         return (None, y0_bar, t_bar, *param_bars)
