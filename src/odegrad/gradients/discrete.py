@@ -624,18 +624,16 @@ class _Backward:
         t_n_bar = h_bar = None
         carry_bar = None
         for i in range(s - 1, -1, -1):
-            u = _Acc()  # κ_i / h, without the carried FSAL cotangent
-            u.add(lam, run.b[i])
-            for _, _, g, w in inside:
-                u.add(g, w[i])
-            for j in range(i + 1, s):
-                u.add(y_bars[j], run.a[j][i])
             kappa = _Acc()
-            kappa.add(u.value, h)
+            kappa.add(lam, h * run.b[i])
+            for _, _, g, w in inside:
+                kappa.add(g, h * w[i])
+            for j in range(i + 1, s):
+                kappa.add(y_bars[j], h * run.a[j][i])
+            if self.time and kappa.value is not None:  # ∂/∂h of the h Σ_j (·) K_j terms
+                h_bar = _sum(h_bar, (ks[i] * kappa.value).sum() / h)
             if i == s - 1 and run.fsal:
                 kappa.add(self.carry_bar)
-            if self.time and u.value is not None:
-                h_bar = _sum(h_bar, (ks[i] * u.value).sum())
             if i == 0 and run.fsal:
                 carry_bar = kappa.value
                 continue
