@@ -23,7 +23,8 @@ stats: nfe_backward; n_recomputed_steps (steps re-run without a graph: to rebuil
 stages; the generic path's replays are its VJPs and do not count); checkpoint_bytes (the peak
 bytes of checkpoints, each tensor counted once, y_0 included); checkpoints (the policy used).
 `memory_budget=` bytes picks one: "all" if it fits, else "solution", else c = budget // (d
-bytes); for adaptive steps (N unknown) c = budget // (d bytes).
+bytes). For adaptive steps (N unknown) it keeps "all" while that fits, then drops the stages
+and thins the states as if online with c = budget // (d bytes) from the start.
 
 Module state. Recomputations and VJPs re-run f. When f is an nn.Module, every buffer is
 restored after the backward pass to its value after the forward pass, so BatchNorm running
@@ -71,11 +72,12 @@ _INIT = object()  # the carry of step 0: the solver's `init`, re-run when needed
 
 @dataclasses.dataclass(frozen=True)
 class Policy:
-    """What the forward pass keeps: "all", "solution", "binomial" with `slots` states, or
-    "none" (no gradient wanted)."""
+    """What the forward pass keeps: "all", "solution", "binomial" with `slots` states, "budget"
+    ("all" while it fits in `budget` bytes, then binomial with `slots`) or "none"."""
 
     kind: str
     slots: int | None = None
+    budget: float | None = None
 
     def describe(self) -> str | int:
         return self.slots if self.kind == "binomial" else self.kind
@@ -143,9 +145,10 @@ def _policy_for_budget(problem: Problem, budget: float) -> Policy:
             f"memory_budget={budget:.0f} bytes holds no state: one needs {state_bytes} bytes"
         )
     n_steps = _planned_steps(problem)
-    if n_steps is None:
-        return Policy("binomial", slots)
     solver = problem.solver
+    if n_steps is None:
+        return Policy("budget", slots, budget) if _is_plain_rk(solver) else \
+            Policy("binomial", slots)
     if _is_plain_rk(solver):
         stages = solver.stages - (1 if solver.tableau.fsal else 0)
         if (n_steps * (stages + 1) + 1) * state_bytes <= budget:
@@ -240,6 +243,11 @@ class _Store:
             else:
                 ref[1] += 1
         self.peak = max(self.peak, self.bytes)
+
+    def extra_bytes(self, kept: _Kept) -> int:
+        """What saving `kept` would add."""
+        new = {id(x): x for x in kept.tensors() if id(x) not in self._refs}
+        return sum(_nbytes(x) for x in new.values())
 
     def delete(self, n: int) -> None:
         for x in self.kept.pop(n).tensors():
@@ -393,12 +401,25 @@ class _Run:
                 online = OnlineCheckpoints(policy.slots)
             else:
                 positions = set(offline_positions(max(n_planned, 1), policy.slots))
-        store_stages = policy.kind == "all" and self.rk
+        store_stages = policy.kind in ("all", "budget") and self.rk
         store_steps = policy.kind == "all" and self.has_step_vjp
         streams = self.streams
         previous_carry = [_INIT]
+        store = self.store
+
+        def thin_to_budget(n: int) -> OnlineCheckpoints:
+            """"budget" outgrew "all": keep states only, thinned as if online from the start."""
+            for m in list(store.kept):
+                store.save(m, _Kept(state=store.kept[m].state))
+            schedule = OnlineCheckpoints(policy.slots)
+            for m in range(1, n):
+                schedule.add(m)
+            for m in set(store.kept) - set(schedule.positions):
+                store.delete(m)
+            return schedule
 
         def on_step(record, y, step):
+            nonlocal online, store_stages
             n = record.index
             if streams is not None:
                 if self.rk:
@@ -409,7 +430,11 @@ class _Run:
                     if n == 0:
                         keys = list(streams.init_keys) + list(keys)
                     self.step_keys.append(keys)
-            keep = keep_all or (n == 0 and policy.kind != "none")
+            if store_stages and policy.kind == "budget":
+                new = _Kept(state=y, stages=list(step.dense))
+                if store.bytes + store.extra_bytes(new) > policy.budget:
+                    online, store_stages = thin_to_budget(n), False
+            keep = keep_all or policy.kind == "budget" or (n == 0 and policy.kind != "none")
             if positions is not None:
                 keep = n in positions
             elif online is not None and n > 0:
@@ -436,6 +461,8 @@ class _Run:
         if streams is not None:
             streams.key_of = {}
         problem.stats["checkpoint_bytes"] = self.forward_peak = self.store.peak
+        if policy.kind == "budget":
+            problem.stats["checkpoints"] = "all" if online is None else policy.slots
         self.saved: list[Tensor] = []
         self.template = _pack(self.store.kept, self.saved, {})
         self.store = None  # the checkpoints now live in ctx.save_for_backward only
@@ -502,7 +529,7 @@ class _Backward:
     def run(self) -> tuple:
         run, store, n_steps = self.run_, self.run_.store, len(self.steps)
         if n_steps:
-            slots = len(store.kept) if run.policy.kind != "binomial" else run.policy.slots
+            slots = run.policy.slots if run.policy.kind in ("binomial", "budget") else 0
             schedule = reverse_segments(sorted(store.kept), n_steps, max(slots, len(store.kept)))
             self.execute(schedule)
         state0 = self.problem.solver.initial_state(self.problem.y0.detach())
