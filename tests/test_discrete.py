@@ -166,11 +166,29 @@ def test_checkpoint_bytes(n_steps):
         if isinstance(policy, int):
             assert sizes[policy] == min(policy, n_steps) * state
             assert sol.stats["n_recomputed_steps"] == optimal_recomputations(n_steps, policy)
-    assert sizes["all"] == 2 * n_steps * state  # y_n and K_1 of every Euler step
-    assert sizes["solution"] == n_steps * state
+    assert sizes["all"] == sizes["solution"] == n_steps * state  # Euler's stage point is y_n
     # the gradient is exact: d y(1)/d y0 = (1 + a/N)^N for Euler
     exact = (1 + (-0.7) / n_steps) ** n_steps
     assert torch.allclose(y0.grad, torch.full_like(y0, exact * len(POLICIES)))
+
+
+@pytest.mark.parametrize("method, kept", [("rk4", 4), ("midpoint", 2), ("dopri5", 7)])
+def test_all_keeps_the_stages_the_backward_pass_reads(method, kept):
+    # y_n and the stages some stage point uses (plus the FSAL stage): rk4 drops K_4.
+    field = MLPField()
+    y0 = torch.randn(2, 3, dtype=DT, requires_grad=True)
+    for n_steps in (10, 100):
+        t = torch.tensor([0.0, 1.0], dtype=DT)
+        sol = odegrad.solve(field, y0, t, method=method, step_size=1 / n_steps, adaptive=False,
+                            gradient="discrete")
+        first = 1 if method == "dopri5" else 0  # K_1 of the first FSAL step
+        assert sol.stats["checkpoint_bytes"] == (n_steps * kept + first) * y0.numel() * 8
+        # with t differentiated, every stage is kept (∂/∂h reads them all)
+        sol = odegrad.solve(field, y0, t.requires_grad_(), method=method,
+                            step_size=1 / n_steps, adaptive=False, gradient="discrete")
+        stages = TABLEAUS[method].stages
+        full = n_steps * stages + 1 if method == "dopri5" else n_steps * (stages + 1)
+        assert sol.stats["checkpoint_bytes"] == full * y0.numel() * 8
 
 
 def test_adaptive_binomial_keeps_at_most_c_states():

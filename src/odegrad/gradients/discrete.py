@@ -14,7 +14,9 @@ interpolated outputs. Any other `Solver` is served by replaying its step under a
 `torch.autograd.grad` per step, through its carry too), or by its own `step_vjp` if it has one.
 
 `checkpoints=` (§2, §8; costs for an s-stage explicit method, N steps, state size d):
-  "all" (default): y_n and the stages of every step, N(s+1)d; backward N·s·(F+B).
+  "all" (default): y_n and the stages of every step that the backward pass reads (those
+      in some stage point: not the last stage of a non-FSAL scheme, unless t requires grad),
+      at most N(s+1)d (rk4: 4Nd); no recomputation, backward N·s·(F+B).
   "solution": y_n of every step, N·d; each step recomputed once, backward N·s·(2F+B).
   int c: at most c states (y_0 included) under a binomial schedule: revolve (offline) when the
       steps are fixed, so N is known, with the least number of recomputed steps; dynamic
@@ -150,7 +152,7 @@ def _policy_for_budget(problem: Problem, budget: float) -> Policy:
         return Policy("budget", slots, budget) if _is_plain_rk(solver) else \
             Policy("binomial", slots)
     if _is_plain_rk(solver):
-        stages = solver.stages - (1 if solver.tableau.fsal else 0)
+        stages = len(_kept_stages(solver.tableau, problem.t.requires_grad))
         if (n_steps * (stages + 1) + 1) * state_bytes <= budget:
             return Policy("all")
     if slots >= n_steps:
@@ -180,6 +182,16 @@ def _is_plain_rk(solver: Solver) -> bool:
             for name in ("step", "stages_from", "interpolate", "initial_state", "observe", "init")
         )
     )
+
+
+def _kept_stages(tableau, time: bool) -> list[int]:
+    """The stages "all" keeps: those some stage point reads (a_ij ≠ 0), the FSAL stage (the
+    next step's first), and every stage when t is differentiated (∂/∂h reads them all)."""
+    s = tableau.stages
+    return [
+        j for j in range(s)
+        if time or (tableau.fsal and j == s - 1) or any(tableau.a[i][j] != 0.0 for i in range(s))
+    ]
 
 
 def _has_active_dropout(module: torch.nn.Module | None) -> bool:
@@ -388,6 +400,7 @@ class _Run:
             self.b = [float(v) for v in tableau.b]
             self.a = [[float(v) for v in row] for row in tableau.a]
             self.dense = tableau.dense
+            self.kept_stages = set(_kept_stages(tableau, problem.t.requires_grad))
 
     # ---- forward ----------------------------------------------------------------------------
 
@@ -430,8 +443,9 @@ class _Run:
                     if n == 0:
                         keys = list(streams.init_keys) + list(keys)
                     self.step_keys.append(keys)
+                    streams.key_of.clear()  # used for explicit stages only
             if store_stages and policy.kind == "budget":
-                new = _Kept(state=y, stages=list(step.dense))
+                new = _Kept(state=y, stages=self.stages_to_keep(step))
                 if store.bytes + store.extra_bytes(new) > policy.budget:
                     online, store_stages = thin_to_budget(n), False
             keep = keep_all or policy.kind == "budget" or (n == 0 and policy.kind != "none")
@@ -445,7 +459,7 @@ class _Run:
                 self.store.save(n, _Kept(
                     state=y,
                     carry=None if self.rk else previous_carry[0],
-                    stages=list(step.dense) if store_stages else None,
+                    stages=self.stages_to_keep(step) if store_stages else None,
                     step=step if store_steps else None,
                 ))
             previous_carry[0] = step.carry
@@ -467,6 +481,9 @@ class _Run:
         self.template = _pack(self.store.kept, self.saved, {})
         self.store = None  # the checkpoints now live in ctx.save_for_backward only
         return torch.stack(outputs)
+
+    def stages_to_keep(self, step: Step) -> list[Tensor | None]:
+        return [k if j in self.kept_stages else None for j, k in enumerate(step.dense)]
 
     # ---- backward ---------------------------------------------------------------------------
 
