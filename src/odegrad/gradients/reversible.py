@@ -55,7 +55,9 @@ def check(problem: Problem) -> None:
     )
 
 
-def solve(problem: Problem, coupling: float | None = None, drift_tol: float | None = None) -> Tensor:
+def solve(
+    problem: Problem, coupling: float | None = None, drift_tol: float | None = None
+) -> Tensor:
     """The outputs at problem.t, differentiable w.r.t. y0, t and problem.params."""
     solver = problem.solver
     if isinstance(solver, ExplicitRungeKutta):

@@ -163,7 +163,8 @@ class ReversibleRungeKutta(ReversibleSolver):
         return axpy_sum(start, h, self.base.dense_weights(theta), dense)
 
     def inverse_step(self, f: VectorField, t: Tensor, h: Scalar, state_next: Tensor) -> Tensor:
-        """z_n = z_{n+1} + Ψ_{−h}(t_{n+1}, y_{n+1}); y_n = (y_{n+1} − (1−λ) z_n − Ψ_h(t_n, z_n))/λ."""
+        """z_n = z_{n+1} + Ψ_{−h}(t_{n+1}, y_{n+1}),
+        y_n = (y_{n+1} − (1 − λ) z_n − Ψ_h(t_n, z_n)) / λ."""
         with torch.no_grad():
             y1, z1 = state_next[0], state_next[1]
             z = z1 + self._increment(f, t + h, -h, y1, None, self._n_psi)[0]
