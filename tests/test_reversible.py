@@ -245,3 +245,34 @@ def test_invalid_coupling():
         odegrad.odeint(lambda t, y: -y, torch.ones(2, dtype=F64),
                        torch.tensor([0.0, 1.0], dtype=F64), method="reversible_rk4",
                        coupling=1.5, step_size=0.1)
+
+
+def test_single_output_time_is_the_identity():
+    y0 = torch.randn(3, dtype=F64, requires_grad=True)
+    sol = odegrad.solve(lambda t, y: -y, y0, torch.tensor([0.5], dtype=F64), method="alf",
+                        gradient="reversible")
+    (grad,) = torch.autograd.grad((sol.ys * 2).sum(), y0)
+    assert torch.equal(grad, torch.full_like(y0, 2.0))
+    assert sol.stats["drift"] == 0.0
+
+
+def test_dropout_is_refused_and_buffers_are_restored():
+    class Field(torch.nn.Module):
+        def __init__(self, layer):
+            super().__init__()
+            self.linear = torch.nn.Linear(3, 3).double()
+            self.layer = layer
+
+        def forward(self, t, y):
+            return torch.tanh(self.layer(self.linear(y)))
+
+    y0 = torch.randn(4, 3, dtype=F64)
+    t = torch.tensor([0.0, 1.0], dtype=F64)
+    with pytest.raises(UnsupportedCombinationError, match="dropout"):
+        odegrad.odeint(Field(torch.nn.Dropout(0.5)), y0, t, method="alf", gradient="reversible")
+    field = Field(torch.nn.BatchNorm1d(3).double())
+    ys = odegrad.odeint(field, y0, t, method="alf", gradient="reversible", adaptive=False,
+                        step_size=0.25)
+    after_forward = field.layer.running_mean.clone()
+    ys.sum().backward()
+    assert torch.equal(field.layer.running_mean, after_forward)

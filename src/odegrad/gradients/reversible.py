@@ -16,6 +16,9 @@ Methods: `alf`, `reversible_heun` and `reversible_<base>` use their own inverse;
 explicit Runge–Kutta method (e.g. "rk4") is wrapped as reversible_<method> with `coupling=`
 (default 0.999), so its outputs are those of the reversible scheme, not of the plain one.
 
+f must be deterministic (no active dropout: `check` refuses it); buffers that the backward
+pass's f-evaluations write (BatchNorm running statistics) are restored afterwards.
+
 Drift: after the backward pass the reconstructed initial state is compared with the true one;
 `stats["drift"]` is max|Δ| / max|state_0|, and above `drift_tol` (default max(rtol, 1000 eps))
 a ReversibleDriftWarning suggests a smaller step, a coupling or η closer to 1, or float64.
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import warnings
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import replace
 
 import torch
@@ -43,6 +47,15 @@ OPTIONS = ("coupling", "drift_tol")
 def check(problem: Problem) -> None:
     """Only reversible schemes and explicit Runge–Kutta bases (wrapped) can be served."""
     solver = problem.solver
+    if problem.module is not None and any(
+        isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.training and m.p > 0
+        for m in problem.module.modules()
+    ):
+        raise UnsupportedCombinationError(
+            "gradient='reversible' needs a deterministic f, but f has active dropout: the "
+            "backward pass could not reconstruct the states; call f.eval() or use "
+            "gradient='discrete'"
+        )
     if isinstance(solver, (ReversibleSolver, ExplicitRungeKutta)):
         return
     valid = sorted(
@@ -98,7 +111,7 @@ class _ReversibleSolve(torch.autograd.Function):
         phase = stats.get("_phase")
         stats["_phase"] = "backward"
         try:
-            with torch.enable_grad():
+            with torch.enable_grad(), _restored_buffers(problem.module):
                 y0_bar, t_bar, param_bars = _backward(ctx, t, y0, params, grad_outputs)
         finally:
             if phase is None:
@@ -142,7 +155,10 @@ def _backward(ctx, t: Tensor, y0: Tensor, params, grad_outputs: Tensor):
         )
     dy0, true_state = solver.finish(problem.f, t_leaf[0], y0, adjoint, local, back)
     y0_bar += dy0
-    _check_drift(problem, state, true_state, ctx.drift_tol)
+    if trajectory.steps:
+        _check_drift(problem, state, true_state, ctx.drift_tol)
+    else:
+        problem.stats["drift"] = 0.0
 
     param_bars = [
         torch.zeros_like(p) if g is None else g for p, g in zip(params, local.grads)
@@ -172,3 +188,16 @@ def _check_drift(problem: Problem, state: Tensor, true_state: Tensor, drift_tol)
             ReversibleDriftWarning, stacklevel=2,
         )
 
+
+
+@contextmanager
+def _restored_buffers(module: torch.nn.Module | None):
+    """Undo what the backward pass's f-evaluations write into buffers (BatchNorm statistics)."""
+    buffers = [] if module is None else [b for b in module.buffers() if b is not None]
+    saved = [b.detach().clone() for b in buffers]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, value in zip(buffers, saved):
+                b.copy_(value)
