@@ -106,7 +106,9 @@ class ReversibleRungeKutta(ReversibleSolver):
     Stability: on y' = ay the parasitic eigenvalue is about λ/R(ha), so a dissipative mode
     needs h|Re a| ≲ 1 − λ in the forward pass (λ = 1 blows up on dissipative problems), while
     the reconstruction amplifies round-off like λ^{−N}: keep λ close to 1 and h small.
-    Cost: 2s − (FSAL) f-evaluations per step forward; the same F and B per step backward.
+    Cost per step: s + s' f-evaluations forward (s' = s − 1 for FSAL bases, whose last stage
+    only feeds the error estimate and the dense output); s' + s' F and as many B backward (one
+    more of each when an output lies inside the step).
     """
 
     def __init__(self, base: ExplicitRungeKutta, coupling: float = 0.999):
