@@ -33,6 +33,7 @@ from dataclasses import replace
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from ..errors import InvalidInputError, ReversibleDriftWarning, UnsupportedCombinationError
 from ..problem import Problem
@@ -104,6 +105,7 @@ class _ReversibleSolve(torch.autograd.Function):
         return torch.stack(outputs)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_outputs: Tensor):
         problem = ctx.problem
         t, y0, *params = ctx.saved_tensors
