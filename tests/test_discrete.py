@@ -386,6 +386,28 @@ def test_generic_solver_paths(method, policy, wrapper):
     assert stats["n_recomputed_steps"] == expected
 
 
+@pytest.mark.parametrize(
+    "method, options",
+    [
+        ("alf", {"step_size": 0.1, "adaptive": False}),
+        ("reversible_heun", {"rtol": 1e-4, "atol": 1e-4}),
+        ("reversible_dopri5", {"rtol": 1e-6, "atol": 1e-6}),
+        ("reversible_rk4", {"step_size": 0.1}),
+    ],
+)
+def test_other_solvers_through_the_replay(method, options):
+    # Augmented states (observe / initial_state), carries and inits of the peers' solvers.
+    if method not in odegrad.METHODS:
+        pytest.skip(f"{method} is not implemented in this tree")
+    field = MLPField()
+    y0, t = inputs()
+    _, _, want = gradients(field, y0, t, method=method, **options)
+    for policy in ("all", 2):
+        _, _, got = gradients(field, y0, t, method=method, gradient="discrete",
+                              checkpoints=policy, **options)
+        assert_close(got, want)
+
+
 def test_step_vjp_solvers_refuse_time_gradients():
     field = MLPField()
     y0, t = inputs()
