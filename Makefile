@@ -19,14 +19,14 @@ run: $(STAMP)
 	$(VENV)/bin/odegrad compare
 
 test: $(STAMP)
-	$(PY) -m ruff check src tests benchmarks examples
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
 lint: $(STAMP)
-	$(PY) -m ruff check src tests benchmarks examples
+	$(PY) -m ruff check .
 
 peers: $(STAMP)
 	$(PY) -m pip install -q -e ".[peers]"

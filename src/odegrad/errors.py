@@ -11,6 +11,7 @@ __all__ = [
     "StepSizeUnderflowError",
     "MaxStepsExceededError",
     "NewtonConvergenceError",
+    "ReversibleDriftWarning",
 ]
 
 
@@ -44,3 +45,8 @@ class MaxStepsExceededError(OdegradError, RuntimeError):
 
 class NewtonConvergenceError(OdegradError, RuntimeError):
     """An implicit stage equation could not be solved; the message names t and h."""
+
+
+class ReversibleDriftWarning(UserWarning):
+    """gradient="reversible": the backward pass reconstructed an initial state that is off by
+    more than the tolerance, so the gradient is inaccurate; the message names the drift."""

@@ -91,6 +91,7 @@ def integrate(
     norm: Norm = rms_norm,
     on_step: OnStep | None = None,
     stats: dict | None = None,
+    check_each_step: bool = False,
 ) -> tuple[list[Tensor], Trajectory]:
     """Solve y' = f(t, y) from y0 at t[0] and return y at every t[i], with the trajectory.
 
@@ -100,6 +101,10 @@ def integrate(
     per output interval. Outputs between step ends come from the scheme's dense output.
     Differentiable by autograd when run with grad enabled ("direct"); `on_step` sees every
     accepted step (the gradient methods keep their checkpoints through it).
+
+    Fixed steps make no host synchronisation: finiteness is checked once, on the final state
+    (inf and nan persist through later steps); only when it fails is the solve replayed with
+    `check_each_step=True` to name the step where f first returned a non-finite value.
     """
     stats = {} if stats is None else stats
     if adaptive is None:
@@ -137,7 +142,6 @@ def integrate(
         plan = _fixed_plan(times, step_size, direction)
 
     y, t_n, offset, anchor, next_output = state, times[0], 0.0, 0, 1
-    finite_flags: list[Tensor] = []
     nonfinite_retries = 0
     recent_steps: list[float] = []
     while next_output < len(t):
@@ -150,6 +154,11 @@ def integrate(
             if direction * (t_n + h - t_end) >= -1e-12 * max(abs(t_end), abs(h)):
                 h, end_anchor = t_end - t_n, len(t) - 1
             if abs(h) <= 4 * torch.finfo(y.dtype).eps * max(abs(t_n), 1e-300):
+                if nonfinite_retries:
+                    raise NonFiniteError(
+                        f"f returned a non-finite value at t={t_n:.10g}: every step past it, "
+                        f"down to h={h:.3e}, produced inf or nan"
+                    )
                 raise StepSizeUnderflowError(
                     f"step size underflow at t={t_n:.10g}: h={h:.3e} is below the resolution "
                     f"of t; the problem may be stiff or singular there"
@@ -188,8 +197,11 @@ def integrate(
                 carry = step.retry_carry if step.retry_carry is not None else carry
                 h = h_next
                 continue
-        else:
-            finite_flags.append(torch.isfinite(step.y).all())
+        elif check_each_step and not bool(torch.isfinite(step.y).all()):
+            raise NonFiniteError(
+                f"f returned a non-finite value in the step from t={t_n:.10g} to "
+                f"t={t_n + h:.10g}"
+            )
 
         stats["n_accepted"] += 1
         trajectory.steps.append(record)
@@ -209,15 +221,11 @@ def integrate(
         if plan is None:
             h = h_next
 
-    if finite_flags:
-        flags = torch.stack(finite_flags)
-        if not bool(flags.all()):
-            bad = int((~flags).nonzero()[0])
-            record = trajectory.steps[bad]
-            raise NonFiniteError(
-                f"f returned a non-finite value in the step from t={record.t:.10g} to "
-                f"t={record.t + record.h:.10g}"
-            )
+    if plan is not None and not check_each_step and not bool(torch.isfinite(y).all()):
+        with torch.no_grad():
+            integrate(f, y0, t, solver, step_size=step_size, adaptive=False, max_steps=max_steps,
+                      stats={}, check_each_step=True)
+        raise NonFiniteError("f returned a non-finite value during the solve")
     return outputs, trajectory
 
 

@@ -2,10 +2,29 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from ..tableaus import ButcherTableau
 from .base import Scalar, Solver, Step, VectorField, axpy_sum
+
+Terms = list[tuple[int, float]]
+
+
+def _nonzero(row) -> Terms:
+    """The (index, coefficient) pairs of a tableau row that are not zero."""
+    return [(j, float(v)) for j, v in enumerate(row) if v != 0.0]
+
+
+def combine(y: Tensor | None, h: Scalar, terms: Terms, ks: list[Tensor]) -> Tensor:
+    """y + h Σ_j a_j K_j over the precomputed nonzero terms (one fused add per term)."""
+    if isinstance(h, Tensor) or not terms or y is None:
+        return axpy_sum(y, h, [a for _, a in terms], [ks[j] for j, _ in terms])
+    (j, a), rest = terms[0], terms[1:]
+    out = torch.add(y, ks[j], alpha=h * a)
+    for j, a in rest:
+        out.add_(ks[j], alpha=h * a)
+    return out
 
 
 class ExplicitRungeKutta(Solver):
@@ -23,9 +42,9 @@ class ExplicitRungeKutta(Solver):
         self.order = tableau.order
         self.error_order = tableau.error_order
         self._c = [float(c) for c in tableau.c]
-        self._a = [[float(v) for v in row[:i]] for i, row in enumerate(tableau.a)]
-        self._b = [float(v) for v in tableau.b]
-        self._e = None if tableau.error is None else [float(v) for v in tableau.error]
+        self._a = [_nonzero(row[:i]) for i, row in enumerate(tableau.a)]
+        self._b = _nonzero(tableau.b)
+        self._e = None if tableau.error is None else _nonzero(tableau.error)
 
     @property
     def stages(self) -> int:
@@ -44,7 +63,7 @@ class ExplicitRungeKutta(Solver):
         ks = [k1]
         y_stage = y
         for i in range(1, self.stages):
-            y_stage = axpy_sum(y, h, self._a[i], ks)
+            y_stage = combine(y, h, self._a[i], ks)
             ks.append(f(t + self._c[i] * h, y_stage))
         return ks, y_stage
 
@@ -55,8 +74,8 @@ class ExplicitRungeKutta(Solver):
             # The last stage point is y_next itself (a_s = b), and K_s = f(t + h, y_next).
             y_next, next_carry = last_point, ks[-1]
         else:
-            y_next, next_carry = axpy_sum(y, h, self._b, ks), None
-        error = None if self._e is None else axpy_sum(None, h, self._e, ks)
+            y_next, next_carry = combine(y, h, self._b, ks), None
+        error = None if self._e is None else combine(None, h, self._e, ks)
         return Step(y=y_next, error=error, dense=ks, carry=next_carry, retry_carry=k1)
 
     def interpolate(self, y: Tensor, h: Scalar, dense: list[Tensor], theta: Scalar) -> Tensor:
