@@ -44,8 +44,9 @@ def test_float64_table_has_every_gradient_with_correct_errors(method, steps):
         if row["exact"]:
             # exact for the discrete scheme: round-off against direct in float64
             assert row["err_scheme"] < 1e-10, row
-        # every method is close to the exact ODE gradient: rk4 with h = 1/6 and dopri5 at 1e-7
-        assert 0.0 < row["err_ode"] < 1e-3, row
+        # every method is close to the exact ODE gradient: rk4 with h = 1/6, dopri5 at 1e-7;
+        # alf is second order
+        assert 0.0 < row["err_ode"] < (1e-2 if row["method"] == "alf" else 1e-3), row
 
 
 def test_float32_errors_are_reported_honestly():
