@@ -128,7 +128,7 @@ class Config:
     hidden: int | None = None  # mlp: the hidden width
     image: int | None = None  # conv: the image side
     budget: int = 4  # the checkpoint budget of discrete's binomial policy
-    repeats: int = 5
+    repeats: int = 3
     seed: int = 0
     gradients: list[str] | None = None  # None: every available one
     peers: list[str] | None = None  # None: no peers; [] stands for all of them
@@ -211,7 +211,8 @@ def resolve(config: Config) -> Config:
             raise InvalidInputError(f"--{name} must be at least 1, got {value}")
     return replace(
         config, device=str(parsed), steps=steps, atol=atol, peers=peers,
-        threads=config.threads or torch.get_num_threads(), **sizes,
+        threads=config.threads or (1 if parsed.type == "cpu" else torch.get_num_threads()),
+        **sizes,
     )
 
 
@@ -783,7 +784,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--hidden", type=int, default=None, help="mlp hidden width (128)")
     add("--image", type=int, default=None, help="conv image side (16)")
     add("--budget", type=int, default=4, help="discrete's binomial checkpoint budget (4)")
-    add("--repeats", type=int, default=5, help="timed runs per method, median reported (5)")
+    add("--repeats", type=int, default=3, help="timed runs per method, median reported (3)")
     add("--gradients", type=_names, default=None,
         help="comma-separated gradient methods (default: every available one)")
     add("--peers", nargs="?", const=[], default=None, type=_names,
@@ -796,7 +797,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="no progress bar")
     add("--seed", type=int, default=0, help="seed of the problem (0)")
     add("--threads", type=int, default=None,
-        help=f"torch CPU threads (default {torch.get_num_threads()}; 1 on a busy machine)")
+        help="torch CPU threads (default 1: reproducible timings, and no oversubscription "
+             "when other processes share the cores)")
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
