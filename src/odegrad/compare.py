@@ -600,8 +600,6 @@ def _cpu_name() -> str:
 
 def run_compare(config: Config, progress: bool | None = None) -> dict:
     """Measure every row of `config`; returns {"meta", "config", "rows"} (the JSON report)."""
-    from tqdm import tqdm
-
     config = resolve(config)
     rows = plan_rows(config)
     schemes = sorted({row.scheme for row in rows if row.scheme})
@@ -616,6 +614,21 @@ def run_compare(config: Config, progress: bool | None = None) -> dict:
     references: dict = {"scheme": {}}
     results = []
     started = time.perf_counter()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(config.threads)  # the references too: 2 threads on busy cores spin
+    try:
+        _run_rows(config, rows, schemes, references, results, meta, progress)
+    finally:
+        torch.set_num_threads(threads)
+    meta["wall_s"] = time.perf_counter() - started
+    return {"meta": meta, "config": asdict(config), "rows": results}
+
+
+def _run_rows(config: Config, rows: list[Row], schemes: list[str], references: dict,
+              results: list[dict], meta: dict, progress: bool | None) -> None:
+    """The references first (in this process), then every row; fills `results` and `meta`."""
+    from tqdm import tqdm
+
     with tqdm(total=1 + len(schemes) + len(rows), desc="compare", unit="run", file=sys.stderr,
               disable=None if progress is None else not progress, leave=False) as bar:
         for name in [None, *schemes]:
@@ -643,8 +656,6 @@ def run_compare(config: Config, progress: bool | None = None) -> dict:
                 result["wall_s"] = time.perf_counter() - row_start
                 results.append(result)
                 bar.update()
-    meta["wall_s"] = time.perf_counter() - started
-    return {"meta": meta, "config": asdict(config), "rows": results}
 
 
 # ---- output ----------------------------------------------------------------------------------
