@@ -43,10 +43,7 @@ class OutputRecord:
     index: int
     step: int
     theta: float
-
-    @property
-    def at_step_end(self) -> bool:
-        return self.theta == 1.0
+    at_step_end: bool = False  # read as y_{n+1} itself (the step's end_anchor), not interpolated
 
 
 @dataclass
@@ -243,7 +240,7 @@ def _emit_outputs(
         i = next_output
         if i == record.end_anchor:
             outputs[i] = solver.observe(step.y)
-            trajectory.outputs.append(OutputRecord(i, record.index, 1.0))
+            trajectory.outputs.append(OutputRecord(i, record.index, 1.0, at_step_end=True))
         else:
             theta_value = (times[i] - record.t) / record.h
             output = OutputRecord(i, record.index, theta_value)
@@ -252,6 +249,14 @@ def _emit_outputs(
             trajectory.outputs.append(output)
         next_output += 1
     return next_output
+
+
+def fixed_step_count(t: Tensor, step_size: float | None) -> int:
+    """The number of steps a fixed-step solve over the times t takes (known before it runs)."""
+    times = [float(v) for v in t.detach().cpu().tolist()]
+    if len(times) < 2:
+        return 0
+    return len(_fixed_plan(times, step_size, 1.0 if times[-1] > times[0] else -1.0))
 
 
 def _fixed_plan(times: list[float], step_size: float | None, direction: float) -> list:
