@@ -18,10 +18,11 @@ from torch import Tensor
 
 from .control import Norm, PIController, initial_step_size, rms_norm, scaled_error
 from .errors import MaxStepsExceededError, NonFiniteError, StepSizeUnderflowError
-from .solvers.base import Scalar, Solver, Step, VectorField
+from .solvers.base import Scalar, Solver, Step, StepRejected, VectorField
 
 DEFAULT_MAX_STEPS = 10_000
 _MAX_NONFINITE_RETRIES = 30
+_MAX_FAILED_STEPS = 10  # StepRejected in a row before its error is raised
 
 
 @dataclass
@@ -119,6 +120,7 @@ def integrate(
     t_end = times[-1]
     time_grad = t.requires_grad and torch.is_grad_enabled()
 
+    solver.configure(rtol=rtol, atol=atol)
     state = solver.initial_state(y0)
     carry = solver.init(f, t[0], state)
     if adaptive:
@@ -140,6 +142,7 @@ def integrate(
 
     y, t_n, offset, anchor, next_output = state, times[0], 0.0, 0, 1
     nonfinite_retries = 0
+    failed_steps = 0
     recent_steps: list[float] = []
     while next_output < len(t):
         if stats["n_steps"] >= max_steps:
@@ -164,7 +167,18 @@ def integrate(
         anchor_time = t[step_anchor] if time_grad else t[step_anchor].detach()
         t_tensor = anchor_time + step_offset
         h_used = trajectory.step_size(t, record, t_tensor) if time_grad else h
-        step = solver.step(f, t_tensor, h_used, y, carry)
+        try:
+            step = solver.step(f, t_tensor, h_used, y, carry)
+        except StepRejected as rejection:
+            stats["n_steps"] += 1
+            failed_steps += 1
+            if plan is not None or failed_steps > _MAX_FAILED_STEPS:
+                raise rejection.error from None
+            stats["n_rejected"] += 1
+            carry = rejection.retry_carry if rejection.retry_carry is not None else carry
+            h = h * rejection.factor
+            continue
+        failed_steps = 0
         stats["n_steps"] += 1
 
         if plan is None:
