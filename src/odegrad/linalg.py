@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["jacobian", "ShiftedLU", "gmres", "newton", "NewtonResult"]
+__all__ = ["jacobian", "linearize", "ShiftedLU", "gmres", "newton", "NewtonResult"]
 
 
 def jacobian(fun: Callable[[Tensor], Tensor], y: Tensor, batch_independent: bool = False) -> Tensor:
@@ -44,6 +44,29 @@ def jacobian(fun: Callable[[Tensor], Tensor], y: Tensor, batch_independent: bool
     if batch_independent:
         return rows.reshape(n, batch, n).transpose(0, 1)  # J_b[k, :] = ∂fun_b[k]/∂y_b
     return rows.reshape(n, n)
+
+
+def linearize(fun: Callable[[Tensor], Tensor], y: Tensor) -> Callable[[Tensor], Tensor]:
+    """v ↦ (∂fun/∂y) v at y, matrix-free, by differentiating a VJP (reverse over reverse).
+
+    One forward and one graph-building backward here; each product is then one backward
+    pass of the VJP's graph, which is linear in the dummy cotangent u: ∂(J^T u)/∂u applied
+    to v is J v. Needs fun to be twice differentiable by autograd.
+    """
+    with torch.enable_grad():
+        y = y.detach().requires_grad_(True)
+        out = fun(y)
+        u = torch.zeros_like(out, requires_grad=True)
+        (pulled,) = torch.autograd.grad(out, y, u, create_graph=True, allow_unused=True)
+    if pulled is None:  # fun does not depend on y
+        return torch.zeros_like
+
+    def product(v: Tensor) -> Tensor:
+        with torch.enable_grad():
+            (jv,) = torch.autograd.grad(pulled, u, v, retain_graph=True, allow_unused=True)
+        return torch.zeros_like(v) if jv is None else jv
+
+    return product
 
 
 def _jacobian_rows_loop(fun: Callable[[Tensor], Tensor], y: Tensor, basis: Tensor) -> Tensor:

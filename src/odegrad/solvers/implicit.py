@@ -10,12 +10,13 @@ Forward step (ALGORITHMS.md §1). Each implicit stage solves, for D_i = h γ K_i
 
 by simplified Newton (`linalg.newton`) with the Newton matrix M = I − hγJ: a dense Jacobian
 J = ∂f/∂y evaluated at the start of a step and reused across steps while Newton contracts fast
-(its LU refactored when hγ changes by more than 20%), or matrix-free GMRES with J v from
-torch.func.jvp at the current iterate. K_i = D_i/(hγ) (no extra f evaluation; the
-"z-formulation" of Hairer–Wanner IV.8, which also keeps K accurate for tiny h). The next step's
-K_1 is this step's K_s. A Newton failure first re-evaluates a stale Jacobian, then raises
-`StepRejected` so that the loop retries with a smaller step; fixed steps, or ten failures in a
-row, raise NewtonConvergenceError naming t and h.
+(its LU refactored when hγ changes by more than 20%), or matrix-free GMRES with the product
+v ↦ J v linearised at the same point and reused the same way (`linalg.linearize`).
+K_i = D_i/(hγ) (no extra f evaluation; the "z-formulation" of Hairer–Wanner IV.8, which also
+keeps K accurate for tiny h). The next step's K_1 is this step's K_s. A stage whose Newton
+iteration fails is re-linearised at its iterate and retried; then a step with a stale Jacobian
+is retried with a fresh one; then `StepRejected` makes the loop retry with a smaller step.
+Fixed steps, or ten failures in a row, raise NewtonConvergenceError naming t and h.
 
 Gradients. With autograd recording (gradient="direct") the Newton iterations are not
 differentiated: each stage is attached to the graph through the implicit-function theorem,
@@ -29,13 +30,14 @@ transposed stage solves, each parameter term taken at its own stage point.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
 
 from ..errors import InvalidInputError, NewtonConvergenceError
-from ..linalg import ShiftedLU, gmres, jacobian, newton
+from ..linalg import ShiftedLU, gmres, jacobian, linearize, newton
 from ..tableaus import DIRK_PREDICTORS, DIRK_TABLEAUS, ButcherTableau
 from . import register_solver
 from .base import Scalar, Solver, Step, StepRejected, VectorField, axpy_sum
@@ -51,7 +53,8 @@ class ImplicitCarry:
     """What the next step reuses: the FSAL stage and the Newton matrix."""
 
     k1: Tensor  # K_1 = f(t_n, y_n)
-    jac: Tensor | None = None  # dense J, (d, d) or (B, n, n), reused across steps
+    jac: Tensor | Callable | None = None  # J reused across steps: a dense (d, d) or (B, n, n)
+    # matrix, or v ↦ J v for GMRES
     lu: ShiftedLU | None = None  # factors of I − hγJ for the last hγ
     jac_current: bool = False  # jac was evaluated at this carry's (t_n, y_n)
     refresh: bool = False  # Newton contracted slowly: re-evaluate jac before the next solve
@@ -159,13 +162,13 @@ class DiagonallyImplicitRungeKutta(Solver):
     # ----------------------------------------------------------------------------- forward
     def step(self, f: VectorField, t: Tensor, h: Scalar, y: Tensor, carry: ImplicitCarry) -> Step:
         dense = self.uses_dense(y)
-        hf = float(h)
+        hf = _to_float(h)
         carry = replace(carry)  # the caller's carry stays untouched (it may be retried)
-        if dense and (carry.jac is None or carry.refresh):
-            self._evaluate_jacobian(f, t, y, carry)
+        if carry.jac is None or carry.refresh:
+            self._evaluate_jacobian(f, t, y, carry, dense)
         outcome = self._stages(f, t, h, hf, y, carry, dense)
-        if isinstance(outcome, NewtonConvergenceError) and dense and not carry.jac_current:
-            self._evaluate_jacobian(f, t, y, carry)  # the Jacobian was stale: retry once
+        if isinstance(outcome, NewtonConvergenceError) and not carry.jac_current:
+            self._evaluate_jacobian(f, t, y, carry, dense)  # J was stale: retry once
             outcome = self._stages(f, t, h, hf, y, carry, dense)
         if isinstance(outcome, NewtonConvergenceError):
             carry.eta = 1.0
@@ -182,12 +185,18 @@ class DiagonallyImplicitRungeKutta(Solver):
 
     def error_estimate(self, h: Scalar, ks: list[Tensor], carry: ImplicitCarry) -> Tensor | None:
         """The embedded estimate h Σ e_i K_i (ALGORITHMS.md §1)."""
-        return None if self._e is None else axpy_sum(None, float(h), self._e, ks)
+        return None if self._e is None else axpy_sum(None, _to_float(h), self._e, ks)
 
-    def _evaluate_jacobian(self, f: VectorField, t: Tensor, y: Tensor, carry: ImplicitCarry):
+    def _evaluate_jacobian(self, f, t: Tensor, y: Tensor, carry: ImplicitCarry, dense: bool):
         t_d = t.detach()
-        carry.jac = jacobian(lambda v: f(t_d, v), y, self.batch_independent)
+        carry.jac = self._linearize(lambda v: f(t_d, v), y, dense)
         carry.lu, carry.jac_current, carry.refresh = None, True, False
+
+    def _linearize(self, fun, y: Tensor, dense: bool) -> Tensor | Callable:
+        """J at y: a dense matrix (blocks), or the matrix-free product v ↦ J v."""
+        if dense:
+            return jacobian(fun, y, self.batch_independent)
+        return linearize(fun, y)
 
     def _newton_matrix(self, carry: ImplicitCarry, shift: float) -> ShiftedLU:
         lu = carry.lu
@@ -225,13 +234,11 @@ class DiagonallyImplicitRungeKutta(Solver):
                     def solve(g, d, shift=shift):
                         return self._newton_matrix(carry, shift).solve(g)
                 else:
-                    def solve(g, d, r_d=r_d, fun=fun, shift=shift):
-                        def matvec(v):
-                            return v - shift * torch.func.jvp(fun, (r_d + d,), (v,))[1]
-
+                    def solve(g, d, shift=shift):
+                        product = carry.jac
                         return gmres(
-                            matvec, g, rtol=self.gmres_rtol, restart=self.gmres_restart,
-                            max_iters=self.gmres_max_iters,
+                            lambda v: v - shift * product(v), g, rtol=self.gmres_rtol,
+                            restart=self.gmres_restart, max_iters=self.gmres_max_iters,
                         )[0]
 
                 def residual(d, r_d=r_d, fun=fun, shift=shift):
@@ -241,10 +248,10 @@ class DiagonallyImplicitRungeKutta(Solver):
                     residual, d0, solve, scale, kappa=self.newton_kappa,
                     max_iters=self.newton_max_iters, eta=carry.eta,
                 )
-                if not result.converged and dense:
+                if not result.converged:
                     # Re-linearise at this stage (at its last finite iterate) and try again.
                     at = r_d + (result.z if bool(torch.isfinite(result.z).all()) else d0)
-                    carry.jac = jacobian(fun, at, self.batch_independent)
+                    carry.jac = self._linearize(fun, at, dense)
                     carry.lu, carry.jac_current = None, False
                     result = newton(
                         residual, d0, solve, scale, kappa=self.newton_kappa,
@@ -285,7 +292,12 @@ class DiagonallyImplicitRungeKutta(Solver):
             return ShiftedLU.factor(jac, shift).solve(rhs, transpose=True)
         if vjp_fn is None:
             with torch.enable_grad():
-                _, vjp_fn = torch.func.vjp(lambda v: f(t_i, v), point.detach())
+                p = point.detach().requires_grad_(True)
+                out = f(t_i, p)
+
+            def vjp_fn(v, out=out, p=p):
+                with torch.enable_grad():
+                    return torch.autograd.grad(out, p, v, retain_graph=True)
         rtol = self.adjoint_rtol
         if rtol is None:
             rtol = max(1e-11, 100 * torch.finfo(rhs.dtype).eps)
@@ -363,6 +375,10 @@ class DiagonallyImplicitRungeKutta(Solver):
         return lam_n, tuple(mu)
 
 
+def _to_float(h: Scalar) -> float:
+    return float(h.detach()) if isinstance(h, Tensor) else float(h)
+
+
 class _TransposedSolve:
     """The backward of one implicit stage: (I − hγJ^T)^{-1} g at the converged stage point."""
 
@@ -381,7 +397,7 @@ class CrankNicolson(DiagonallyImplicitRungeKutta):
     differentiated."""
 
     def error_estimate(self, h: Scalar, ks: list[Tensor], carry: ImplicitCarry) -> Tensor:
-        hf = float(h)
+        hf = _to_float(h)
         k1, k2 = ks
         if carry.previous is None:
             return 0.5 * hf * (k2 - k1)
