@@ -90,7 +90,9 @@ class ShiftedLU:
     @classmethod
     def factor(cls, jac: Tensor, shift: float) -> ShiftedLU:
         eye = torch.eye(jac.shape[-1], dtype=jac.dtype, device=jac.device)
-        lu, pivots = torch.linalg.lu_factor(eye - shift * jac)
+        # lu_factor_ex: no error check (a host sync, and slow for small batches); a singular
+        # M shows up as non-finite solves, which Newton reports as a failure.
+        lu, pivots, _ = torch.linalg.lu_factor_ex(eye - shift * jac)
         return cls(lu, pivots, shift)
 
     def solve(self, rhs: Tensor, transpose: bool = False) -> Tensor:
@@ -198,14 +200,16 @@ def newton(
     kappa: float = 1e-2,
     max_iters: int = 10,
     eta: float = 1.0,
+    give_up_early: bool = True,
 ) -> NewtonResult:
     """Simplified Newton z_{k+1} = z_k − M̃^{-1} G(z_k), stopped as in Hairer–Wanner IV.8.
 
     `solve(G, z)` applies M̃^{-1} (a frozen factorisation, or a Krylov solve linearised at z).
     With rate θ_k = ‖Δz_k‖/‖Δz_{k−1}‖ in the norm ‖·/scale‖_rms, the iteration has converged
     when η_k ‖Δz_k‖ ≤ κ, η_k = θ_k/(1 − θ_k) (η_0 = max(`eta`, 1e-16)^0.8 from the previous
-    solve); it fails on θ_k ≥ 1, on a non-finite value, or when a slow iteration (θ_k > ½)
-    cannot reach κ in the remaining iterations. `scale` must stay above round-off of z.
+    solve); it fails on θ_k ≥ 1, on a non-finite value, or (`give_up_early`, meant for a
+    frozen Jacobian, whose rate is roughly constant) when a slow iteration (θ_k > ½) cannot
+    reach κ in the remaining iterations. `scale` must stay above round-off of z.
     """
     z = z0
     previous = 0.0
@@ -225,7 +229,7 @@ def newton(
                 return NewtonResult(z, False, k + 1, rate, 1.0)
             eta = rate / (1.0 - rate)
             remaining = max_iters - 1 - k
-            if rate > 0.5 and rate**remaining / (1.0 - rate) * size > kappa:
+            if give_up_early and rate > 0.5 and rate**remaining / (1.0 - rate) * size > kappa:
                 return NewtonResult(z, False, k + 1, rate, 1.0)
         if eta * size <= kappa:
             return NewtonResult(z, True, k + 1, rate, eta)

@@ -13,9 +13,10 @@ J = ∂f/∂y evaluated at the start of a step and reused across steps while New
 (its LU refactored when hγ changes by more than 20%), or matrix-free GMRES with the product
 v ↦ J v linearised at the same point and reused the same way (`linalg.linearize`).
 K_i = D_i/(hγ) (no extra f evaluation; the "z-formulation" of Hairer–Wanner IV.8, which also
-keeps K accurate for tiny h). The next step's K_1 is this step's K_s. A stage whose Newton
-iteration fails is re-linearised at its iterate and retried; then a step with a stale Jacobian
-is retried with a fresh one; then `StepRejected` makes the loop retry with a smaller step.
+keeps K accurate for tiny h). The next step's K_1 is this step's K_s. A stage whose
+simplified Newton iteration fails is retried by full Newton (re-linearised at every iterate);
+then a step with a stale Jacobian is retried with a fresh one; then `StepRejected` makes the
+loop retry with a smaller step.
 Fixed steps, or ten failures in a row, raise NewtonConvergenceError naming t and h.
 
 Gradients. With autograd recording (gradient="direct") the Newton iterations are not
@@ -249,13 +250,15 @@ class DiagonallyImplicitRungeKutta(Solver):
                     max_iters=self.newton_max_iters, eta=carry.eta,
                 )
                 if not result.converged:
-                    # Re-linearise at this stage (at its last finite iterate) and try again.
-                    at = r_d + (result.z if bool(torch.isfinite(result.z).all()) else d0)
-                    carry.jac = self._linearize(fun, at, dense)
-                    carry.lu, carry.jac_current = None, False
+                    # Full Newton for this stage: re-linearise at every iterate.
+                    def full_solve(g, d, r_d=r_d, fun=fun, solve=solve):
+                        carry.jac = self._linearize(fun, r_d + d, dense)
+                        carry.lu, carry.jac_current = None, False
+                        return solve(g, d)
+
                     result = newton(
-                        residual, d0, solve, scale, kappa=self.newton_kappa,
-                        max_iters=self.newton_max_iters,
+                        residual, d0, full_solve, scale, kappa=self.newton_kappa,
+                        max_iters=2 * self.newton_max_iters, give_up_early=False,
                     )
             if not result.converged:
                 return NewtonConvergenceError(
@@ -386,7 +389,18 @@ class _TransposedSolve:
         self.solver, self.f, self.t_i, self.point, self.shift = solver, f, t_i, point, shift
 
     def __call__(self, grad: Tensor) -> Tensor:
-        return self.solver.solve_transposed(self.f, self.t_i, self.point, self.shift, grad)
+        stats = getattr(self.f, "stats", None)  # count these evaluations as backward ones
+        phase = None if stats is None else stats.get("_phase")
+        if stats is not None:
+            stats["_phase"] = "backward"
+        try:
+            return self.solver.solve_transposed(self.f, self.t_i, self.point, self.shift, grad)
+        finally:
+            if stats is not None:
+                if phase is None:
+                    stats.pop("_phase", None)
+                else:
+                    stats["_phase"] = phase
 
 
 class CrankNicolson(DiagonallyImplicitRungeKutta):
