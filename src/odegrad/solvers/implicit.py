@@ -26,6 +26,19 @@ stage point, so the direct gradient is the exact derivative of the discrete sche
 computed stages (one extra f evaluation per stage to record F, one transposed solve per stage
 in the backward pass; no double backward). `step_vjp` is the discrete adjoint of one step:
 transposed stage solves, each parameter term taken at its own stage point.
+
+Method options (keywords of `odegrad.solve`):
+    linear_solver      "dense" (LU of M), "gmres" (matrix-free) or "auto" (dense up to 128
+                       unknowns per LU block, else GMRES)
+    batch_independent  f does not couple samples along y's leading dimension: dense J is then
+                       block diagonal, one small LU per sample (GMRES ignores it)
+    newton_kappa       Newton stops at κ · (atol + rtol |y_n|), κ = 1e-2 (rtol floored at
+                       1e4 · machine epsilon); with fixed steps rtol/atol set only this
+    newton_max_iters   iterations of simplified Newton per stage (10; full Newton gets 20)
+    jacobian_refresh_rate  re-evaluate J at the next step when a contraction rate exceeds it
+    gmres_restart, gmres_max_iters, gmres_rtol  the forward Krylov solves (30, 300, 1e-3)
+    adjoint_rtol       relative residual of the transposed GMRES solves in the backward pass
+                       (default max(1e-11, 100 · machine epsilon))
 """
 
 from __future__ import annotations
@@ -272,10 +285,10 @@ class DiagonallyImplicitRungeKutta(Solver):
             d = result.z
             if grad:
                 shift_t = h * gamma  # a tensor when times are differentiated
-                residual = d - shift_t * f(t + self._c[i] * h, r + d)
-                if residual.requires_grad:
+                recorded = d - shift_t * f(t + self._c[i] * h, r + d)  # F(D*, r_i, θ) ≈ 0
+                if recorded.requires_grad:
                     solve_t = _TransposedSolve(self, f, t_i, r_d + d, shift)
-                    d = d - _ImplicitStage.apply(residual, solve_t)
+                    d = d - _ImplicitStage.apply(recorded, solve_t)
             ks.append(d / (h * gamma))
             point = r + d
         return ks, point, slowest
@@ -333,7 +346,9 @@ class DiagonallyImplicitRungeKutta(Solver):
             (I − h a_ii J_i^T) κ_i = h b_i λ + h Σ_θ b_i(θ) ȳ_θ + h Σ_{j>i} a_ji J_j^T κ_j,
         then λ_n = λ + Σ_θ ȳ_θ + Σ_i J_i^T κ_i and μ = Σ_i P_i^T κ_i, where J_i^T κ_i and
         P_i^T κ_i come from one VJP of f at the stage's own point (t_n + c_i h, Y_i).
-        Returns (λ_n, μ) with None for parameters f does not use.
+        Returns (λ_n, μ) with None for parameters f does not use; t and h are constants here
+        (no time cotangents). Cost: one VJP per stage, plus per implicit stage a Jacobian and
+        a transposed LU (dense) or one VJP per GMRES iteration.
         """
         ks = [k.detach() for k in step.dense]
         y = state.detach()
