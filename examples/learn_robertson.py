@@ -11,9 +11,10 @@ forward pass; Crank–Nicolson takes one step per output interval (fixed steps, 
 growing), solved by Newton with one small LU per sample (`batch_independent=True`).
 
 Gradients: `--gradient direct` (default) differentiates the solve by autograd, with each
-implicit stage attached through the implicit-function theorem (exact for the scheme).
-`--gradient discrete` (the discrete adjoint with transposed stage solves) works once that
-gradient method is installed; any gradient name odegrad offers is accepted.
+implicit stage attached through the implicit-function theorem; `--gradient discrete` is the
+discrete adjoint (PNODE): it keeps only checkpoints in the forward pass and runs the
+transposed stage solves of the solver's `step_vjp` backwards. Both are exact for the scheme
+and agree to round-off; any gradient name odegrad offers is accepted.
 
     python examples/learn_robertson.py [--iterations 200] [--gradient direct] [--lr 0.1]
 """
