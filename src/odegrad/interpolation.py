@@ -17,7 +17,9 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["lobatto_nodes", "lobatto_weights", "barycentric", "BarycentricInterpolant"]
+__all__ = [
+    "lobatto_nodes", "lobatto_weights", "barycentric", "BarycentricInterpolant", "chebyshev_tail",
+]
 
 
 def lobatto_nodes(n: int, start: float, end: float) -> list[float]:
@@ -73,3 +75,21 @@ class BarycentricInterpolant:
 
     def __call__(self, t: Tensor) -> Tensor:
         return barycentric(t, self.nodes, self.weights, self.values)
+
+
+def chebyshev_tail(values: Tensor) -> Tensor:
+    """|c_{n−2}| + |c_{n−1}|: the last two Chebyshev coefficients of the interpolant through
+    values at the n Lobatto nodes, an estimate of its error (Trefethen, ATAP ch. 4).
+
+    With N = n − 1 and s_j = cos(jπ/N): c_N = (1/N) Σ_j w_j y_j and
+    c_{N−1} = (2/N) Σ_j w_j s_j y_j, w the Lobatto barycentric weights.
+    """
+    n = values.shape[0]
+    if n < 3:
+        return torch.zeros_like(values[0])
+    w = lobatto_weights(n, dtype=values.dtype, device=values.device)
+    s = torch.tensor(lobatto_nodes(n, -1.0, 1.0), dtype=values.dtype, device=values.device)
+    flat = values.reshape(n, -1)
+    last = (w @ flat) / (n - 1)
+    before = (2.0 * (w * s) @ flat) / (n - 1)
+    return (last.abs() + before.abs()).reshape(values.shape[1:])

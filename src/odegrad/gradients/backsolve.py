@@ -26,6 +26,7 @@ from .continuous import (
     AdjointSettings,
     adjoint_settings,
     backward_phase,
+    last_step,
     state_bytes,
     sweep,
     time_gradient,
@@ -47,9 +48,10 @@ class _Backsolve(torch.autograd.Function):
     def forward(ctx, problem: Problem, settings: AdjointSettings, y0: Tensor, t: Tensor,
                 *params: Tensor) -> Tensor:
         with torch.no_grad():
-            outputs, _ = problem.integrate()
+            outputs, trajectory = problem.integrate()
             ys = torch.stack(outputs)
         problem.stats["checkpoint_bytes"] = state_bytes(ys)
+        ctx.first_step = last_step(trajectory.steps)
         ctx.problem, ctx.settings = problem, settings
         ctx.save_for_backward(ys)
         return ys
@@ -60,6 +62,6 @@ class _Backsolve(torch.autograd.Function):
         problem: Problem = ctx.problem
         (ys,) = ctx.saved_tensors
         with torch.no_grad(), backward_phase(problem.stats):
-            a0, mu = sweep(problem, ys, grad_ys, ctx.settings)
+            a0, mu = sweep(problem, ys, grad_ys, ctx.settings, None, ctx.first_step)
             grad_t = time_gradient(problem, ys, grad_ys, a0) if ctx.needs_input_grad[3] else None
         return (None, None, a0 + grad_ys[0], grad_t, *mu)

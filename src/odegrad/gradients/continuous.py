@@ -43,7 +43,7 @@ class AdjointSettings:
     solver: Solver
     rtol: Tensor | float
     atol: Tensor | float
-    step_size: float | None
+    step_size: float | None  # fixed: the step; adaptive: the first step (None: see `sweep`)
     adaptive: bool
     seminorm: bool
     max_steps: int
@@ -67,7 +67,9 @@ def adjoint_settings(
     else:
         solver = make_solver(adjoint_method)
         adaptive = solver.adaptive
-    step_size = problem.step_size if adjoint_step_size is None else adjoint_step_size
+    step_size = adjoint_step_size
+    if step_size is None and not adaptive:
+        step_size = problem.step_size
     if step_size is not None:
         try:
             step_size = float(step_size)
@@ -213,11 +215,15 @@ def sweep(
     grad_ys: Tensor,
     settings: AdjointSettings,
     interpolant: Callable[[int], Callable[[Tensor], Tensor]] | None = None,
+    first_step: float | None = None,
 ) -> tuple[Tensor, list[Tensor]]:
     """Integrate the adjoint from t[-1] back to t[0], interval by interval.
 
     `interpolant(i)` gives y(t) on [t_i, t_{i+1}] (interpolated adjoint); None re-solves y
     (backsolve). Returns a(t_0⁺) — before ∂L/∂y(t_0) is added — and μ = ∂L/∂θ.
+    An adaptive backward solve starts with `settings.step_size` if set, else `first_step` (the
+    forward's last step, whose time scale the adjoint shares), else the automatic choice; each
+    later interval starts with the last step of the one before.
     """
     stats = problem.stats
     t = problem.t.detach()
@@ -227,6 +233,8 @@ def sweep(
     a = grad_ys[-1]
     mu = [torch.zeros_like(p) for p in problem.params]
     step_size = settings.step_size
+    if settings.adaptive and step_size is None:
+        step_size = first_step
     for i in range(len(t) - 1, 0, -1):
         head = [ys[i]] if interpolant is None else []
         field = AugmentedField(problem, layout, None if interpolant is None else interpolant(i - 1))
@@ -249,9 +257,16 @@ def sweep(
         a, mu = parts[layout.n_state - 1], parts[layout.n_state:]
         if i > 1:
             a = a + grad_ys[i - 1]
-        if settings.adaptive and len(trajectory.steps) > 1:
-            step_size = abs(trajectory.steps[-2].h)  # the last step was clipped to land on t
+        if settings.adaptive:
+            step_size = last_step(trajectory.steps) or step_size
     return a, list(mu)
+
+
+def last_step(steps: Sequence) -> float | None:
+    """|h| of the last accepted step that was not clipped to land on an output time."""
+    if not steps:
+        return None
+    return abs(steps[-2].h if len(steps) > 1 else steps[-1].h)
 
 
 def time_gradient(problem: Problem, ys: Tensor, grad_ys: Tensor, a0: Tensor) -> Tensor:
