@@ -21,6 +21,8 @@ the seminorm leaves μ out of the error norm).
 
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 
 import torch
@@ -65,9 +67,18 @@ def solve(problem: Problem, n_nodes: int = DEFAULT_N_NODES, **options) -> Tensor
             f"gradient='interpolated': the interpolant of y through n_nodes={n_nodes} "
             f"Chebyshev-Lobatto nodes per output interval has an estimated error of "
             f"{estimate:.3g} times the tolerance; the gradient may be inaccurate: raise n_nodes "
-            f"or add output times", RuntimeWarning, stacklevel=3,
+            f"or add output times", RuntimeWarning, stacklevel=_user_stacklevel(),
         )
     return ys
+
+
+def _user_stacklevel() -> int:
+    """The stacklevel of the first caller outside the odegrad package."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 class NodeRecorder:
