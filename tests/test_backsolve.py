@@ -116,8 +116,10 @@ def mlp_errors(gradient: str, **options) -> list[float]:
 
 def assert_converges(errors: list[float]) -> None:
     """Below 1e-7 at 1e-10, decreasing at every tenfold tightening, by over three decades in
-    all across the four decades of tolerance."""
+    all across the four decades of tolerance; and within twice the tolerance throughout (the
+    error control of the backward solve is not looser than asked)."""
     assert errors[-1] < 1e-7, errors
+    assert all(error < 2 * tol for error, tol in zip(errors, TOLERANCES)), errors
     assert all(later < earlier for earlier, later in zip(errors, errors[1:])), errors
     assert errors[0] > 1e3 * errors[-1], errors
 
