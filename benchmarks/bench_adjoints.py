@@ -53,6 +53,18 @@ class ConvField(torch.nn.Module):
         return self.conv2(torch.cat([h, tt], dim=1))
 
 
+class Damped(torch.nn.Module):
+    """f(t, y) − k y: a dissipative field, whose backward re-solve of y is unstable."""
+
+    def __init__(self, f, k: float):
+        super().__init__()
+        self.f = f
+        self.k = k
+
+    def forward(self, t, y):
+        return self.f(t, y) - self.k * y
+
+
 class Counted(torch.nn.Module):
     """Counts the evaluations of a peer's vector field."""
 
@@ -74,6 +86,8 @@ def make_problem(name: str, args, device, dtype):
     else:
         f = ConvField(args.channels)
         y0 = torch.randn(args.conv_batch, args.channels, args.size, args.size)
+    if args.damping:
+        f = Damped(f, args.damping)
     t = torch.linspace(0.0, args.horizon, args.n_outputs)
     cotangent = torch.randn(args.n_outputs, *y0.shape)
     return (f.to(device, dtype), y0.to(device, dtype), t.to(device, dtype),
@@ -145,7 +159,8 @@ def relative_error(grads, reference) -> float:
 def bench(problem: str, args, device, dtype) -> None:
     f, y0, t, cotangent = make_problem(problem, args, device, dtype)
     reference = reference_gradient(f, y0, t, cotangent) if args.reference else None
-    print(f"\n### {problem}: y0 {tuple(y0.shape)}, t = linspace(0, {args.horizon}, "
+    damping = f" − {args.damping:g} y" if args.damping else ""
+    print(f"\n### {problem}{damping}: y0 {tuple(y0.shape)}, t = linspace(0, {args.horizon}, "
           f"{args.n_outputs}), {dtype}, dopri5, n_nodes = {DEFAULT_N_NODES}\n")
     print("| tol | method | forward ms | backward ms | NFE fwd | NFE bwd | grad rel. error |")
     print("|---|---|---|---|---|---|---|")
@@ -177,7 +192,7 @@ def bench_nodes(args, device) -> None:
           "interpolation error / tol | checkpoint bytes |")
     print("|---|---|---|---|---|---|---|---|")
     for horizon in args.node_horizons:
-        args.horizon = horizon
+        args.horizon, args.damping = horizon, 0.0
         f, y0, t, cotangent = make_problem("mlp", args, device, dtype)
         reference = reference_gradient(f, y0, t, cotangent)
         for tol in args.node_tols:
@@ -202,6 +217,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3 if ON_GPU else 2)
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     parser.add_argument("--horizon", type=float, default=1.0)
+    parser.add_argument("--damping", type=float, default=0.0,
+                        help="k > 0 integrates f − k y (dissipative) instead of f")
     parser.add_argument("--n-outputs", type=int, default=2)
     parser.add_argument("--mlp-batch", type=int, default=1024 if ON_GPU else 256)
     parser.add_argument("--dim", type=int, default=32 if ON_GPU else 16)

@@ -280,3 +280,21 @@ def test_compat_odeint_adjoint_matches_torchdiffeq():
         results.append(torch.cat([g.reshape(-1) for g in grads]))
     ours, theirs = results
     assert float((ours - theirs).norm() / theirs.norm()) < 1e-6
+
+
+@pytest.mark.parametrize("interpolated", [False, True])
+def test_augmented_field_is_differentiable(interpolated):
+    # Implicit adjoint methods linearise the augmented field by autograd.
+    from odegrad.gradients.continuous import AugmentedField, Layout
+    from odegrad.problem import Problem
+    from odegrad.solvers import make_solver
+
+    a = torch.randn(3, 3, dtype=DT, requires_grad=True)
+    y0 = torch.randn(2, 3, dtype=DT)
+    problem = Problem(f=lambda s, y: torch.tanh(y @ a.T) * torch.cos(s), y0=y0,
+                      t=torch.tensor([0.0, 1.0], dtype=DT), solver=make_solver("dopri5"),
+                      params=(a,))
+    layout = Layout(y0.shape, 1 if interpolated else 2, problem.params)
+    field = AugmentedField(problem, layout, (lambda s: y0 * s) if interpolated else None)
+    z = torch.randn(sum(layout.sizes), dtype=DT, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda z: field(torch.tensor(0.3, dtype=DT), z), (z,))
