@@ -89,9 +89,10 @@ def test_spectral_accuracy_on_exp_sin():
     assert max_error(48, 0.0, 2.0) < 1e-13
 
 
-@pytest.mark.parametrize("n", [24, 32, 48])
-def test_first_kind_weights_on_lobatto_nodes_lose_spectral_accuracy(n):
-    lobatto, first_kind = max_error(n, 0.0, 2.0), max_error(n, 0.0, 2.0, first_kind_weights(n))
+@pytest.mark.parametrize("n, end", [(24, 2.0), (32, 2.0), (48, 2.0), (32, 1.0)])
+def test_first_kind_weights_on_lobatto_nodes_lose_spectral_accuracy(n, end):
+    # ALGORITHMS.md §4: 7e-7 instead of ~1e-15 at n = 32 (on an interval of length 1)
+    lobatto, first_kind = max_error(n, 0.0, end), max_error(n, 0.0, end, first_kind_weights(n))
     assert first_kind > 1e-7
     assert first_kind > 40 * lobatto
 
