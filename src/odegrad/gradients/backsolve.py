@@ -10,8 +10,10 @@ evaluation and one VJP. The gradient is approximate, its error following the tol
 backward re-solve of y can be unstable for dissipative dynamics (then use "interpolated").
 
 Options: adjoint_method (any method name; default the forward's), adjoint_rtol, adjoint_atol
-(default the forward's), adjoint_step_size (fixed-step methods; default the forward's
-step_size), adjoint_norm ("seminorm" or "full").
+(default the forward's), adjoint_step_size (the step of a fixed-step backward solve, default
+the forward's step_size; the first step of an adaptive one, default the forward's last accepted
+step), adjoint_norm ("seminorm", the default, or "full": the max over blocks of the RMS norm,
+y and a with the forward's norm).
 """
 
 from __future__ import annotations

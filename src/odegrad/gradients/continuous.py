@@ -124,18 +124,20 @@ class Layout:
         """max over blocks of each block's norm: `state_norm` (the forward's) for the blocks
         shaped like y, RMS per parameter; the seminorm leaves the parameter blocks out
         (Kidger et al. 2021)."""
-        n_blocks = self.n_state if seminorm else len(self.shapes)
-        sizes, shapes = self.sizes[:n_blocks], self.shapes[:n_blocks]
-        fused_state = state_norm is rms_norm
+        n_params = 0 if seminorm else len(self.shapes) - self.n_state
+        param_sizes = self.sizes[self.n_state:self.n_state + n_params]
+        end = self.state_size + sum(param_sizes)
+        fused = state_norm is rms_norm  # one reduction for all the y-shaped blocks
 
         def norm(x: Tensor) -> Tensor:
-            blocks = torch.split(x[: sum(sizes)], sizes)
-            if fused_state:
-                values = [x[: self.state_size].view(self.n_state, -1).pow(2).mean(1).sqrt()]
+            state = x[: self.state_size].view(self.n_state, -1)
+            if fused:
+                values = [state.pow(2).mean(1).sqrt()]
             else:
-                values = [state_norm(b.view(s)).reshape(1) for b, s in
-                          zip(blocks[: self.n_state], shapes[: self.n_state])]
-            values += [rms_norm(b).reshape(1) for b in blocks[self.n_state:]]
+                values = [state_norm(b.view(self.state_shape)).reshape(1) for b in state]
+            if n_params:
+                blocks = torch.split(x[self.state_size:end], param_sizes)
+                values += [rms_norm(b).reshape(1) for b in blocks]
             return torch.cat(values).max()
 
         return norm
