@@ -299,3 +299,15 @@ def test_augmented_field_is_differentiable(interpolated):
     field = AugmentedField(problem, layout, (lambda s: y0 * s) if interpolated else None)
     z = torch.randn(sum(layout.sizes), dtype=DT, requires_grad=True)
     assert torch.autograd.gradcheck(lambda z: field(torch.tensor(0.3, dtype=DT), z), (z,))
+
+
+@pytest.mark.parametrize("gradient", ["backsolve", "interpolated"])
+def test_single_output_time(gradient):
+    field, y0, _, _ = mlp_case()
+    y = y0.clone().requires_grad_()
+    t = torch.tensor([0.3], dtype=DT, requires_grad=True)
+    ys = odegrad.odeint(field, y, t, gradient=gradient)
+    (3 * ys).sum().backward()
+    assert torch.equal(y.grad, torch.full_like(y0, 3.0))
+    assert float(t.grad) == 0.0
+    assert all(p.grad is None or float(p.grad.abs().max()) == 0.0 for p in field.parameters())

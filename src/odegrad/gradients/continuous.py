@@ -232,7 +232,7 @@ def sweep(
     layout = Layout(problem.y0.shape, 2 if interpolant is None else 1, problem.params)
     norm = layout.norm(problem.norm, settings.seminorm)
     rtol, atol = layout.tolerance(settings.rtol), layout.tolerance(settings.atol)
-    a = grad_ys[-1]
+    a = grad_ys[-1] if len(t) > 1 else torch.zeros_like(grad_ys[0])
     mu = [torch.zeros_like(p) for p in problem.params]
     step_size = settings.step_size
     if settings.adaptive and step_size is None:

@@ -9,9 +9,9 @@ O(n·d) for the interpolant; the state is d + p instead of 2d + p, and there is 
 backward re-solve of y.
 
 Default n_nodes = 16 per output interval, chosen from the accuracy-vs-cost measurement in
-benchmarks/RESULTS_adjoints.md (MLP field, float64: 16 nodes kept the gradient error at the
-solver's floor for horizons 1, 3 and 10 at rtol = atol = 1e-5 and 1e-8; 8 sufficed only for the
-shortest; the backward time hardly depends on n there). stats["interpolation_error"] estimates
+benchmarks/RESULTS_adjoints.md (MLP field, float64: 16 nodes kept the gradient error within 1.5x of
+the solver's floor for horizons 1, 3 and 10 at rtol = atol = 1e-5 and 1e-8; 8 sufficed only for
+the shortest; the backward time hardly depends on n there). stats["interpolation_error"] estimates
 the interpolant's error from its Chebyshev tail, in units of the tolerance; above 100 a
 RuntimeWarning suggests more nodes (or more output times).
 Memory: (n_nodes − 2)·d per interval besides the outputs. Options: n_nodes, and those of
@@ -48,8 +48,9 @@ __all__ = ["solve", "OPTIONS", "DEFAULT_N_NODES"]
 
 OPTIONS = ("n_nodes", *_ADJOINT_OPTIONS)
 DEFAULT_N_NODES = 16
-# stats["interpolation_error"] above this warns: in the n_nodes measurement the gradient error
-# stayed within 1.5x of its floor up to ~50, and grew by 6-20x at ~150-800.
+# stats["interpolation_error"] above this warns. Measured (RESULTS_adjoints.md §3, and on the
+# test MLP over longer horizons): estimates above ~150 mostly came with gradient errors 6-20x
+# the solver's floor, estimates below ~50 mostly with errors at the floor (one exception: 27).
 WARN_INTERPOLATION_ERROR = 100.0
 
 
