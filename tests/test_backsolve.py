@@ -311,3 +311,23 @@ def test_single_output_time(gradient):
     assert torch.equal(y.grad, torch.full_like(y0, 3.0))
     assert float(t.grad) == 0.0
     assert all(p.grad is None or float(p.grad.abs().max()) == 0.0 for p in field.parameters())
+
+
+@pytest.mark.parametrize("gradient", ["backsolve", "interpolated"])
+def test_backward_pass_leaves_buffers_alone(gradient):
+    class Normalised(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(3, 3, dtype=DT)
+            self.norm = torch.nn.BatchNorm1d(3, dtype=DT)
+
+        def forward(self, t, y):
+            return torch.tanh(self.norm(self.linear(y)))
+
+    field = Normalised()
+    y0 = torch.randn(8, 3, dtype=DT, requires_grad=True)
+    ys = odegrad.odeint(field, y0, torch.tensor([0.0, 1.0], dtype=DT), gradient=gradient)
+    after_forward = [b.clone() for b in field.buffers()]
+    ys.sum().backward()
+    assert all(torch.equal(b, saved) for b, saved in zip(field.buffers(), after_forward))
+    assert field.linear.weight.grad is not None

@@ -63,7 +63,7 @@ class _Backsolve(torch.autograd.Function):
     def backward(ctx, grad_ys: Tensor):
         problem: Problem = ctx.problem
         (ys,) = ctx.saved_tensors
-        with torch.no_grad(), backward_phase(problem.stats):
+        with torch.no_grad(), backward_phase(problem):
             a0, mu = sweep(problem, ys, grad_ys, ctx.settings, None, ctx.first_step)
             grad_t = time_gradient(problem, ys, grad_ys, a0) if ctx.needs_input_grad[3] else None
         return (None, None, a0 + grad_ys[0], grad_t, *mu)

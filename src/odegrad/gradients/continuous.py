@@ -198,10 +198,15 @@ class AugmentedField:
 
 
 @contextmanager
-def backward_phase(stats: dict) -> Iterator[None]:
-    """Count f evaluations into stats["nfe_backward"] while the backward pass runs."""
+def backward_phase(problem: Problem) -> Iterator[None]:
+    """Count f evaluations into stats["nfe_backward"] while the backward pass runs, and undo
+    what its f evaluations write into f's buffers (BatchNorm running statistics, ALGORITHMS.md
+    §2 "side effects"): the module is left as the forward pass left it."""
+    stats = problem.stats
     previous = stats.get("_phase")
     stats["_phase"] = "backward"
+    buffers = [] if problem.module is None else list(problem.module.buffers())
+    saved = [b.detach().clone() for b in buffers]
     try:
         yield
     finally:
@@ -209,6 +214,9 @@ def backward_phase(stats: dict) -> Iterator[None]:
             stats.pop("_phase", None)
         else:
             stats["_phase"] = previous
+        with torch.no_grad():
+            for buffer, value in zip(buffers, saved):
+                buffer.copy_(value)
 
 
 def sweep(

@@ -160,7 +160,7 @@ class _Interpolated(torch.autograd.Function):
         def interpolant(i: int) -> BarycentricInterpolant:
             return BarycentricInterpolant(times[i], times[i + 1], interval_values(ys, interior, i))
 
-        with torch.no_grad(), backward_phase(problem.stats):
+        with torch.no_grad(), backward_phase(problem):
             a0, mu = sweep(problem, ys, grad_ys, ctx.settings, interpolant, ctx.first_step)
             grad_t = time_gradient(problem, ys, grad_ys, a0) if ctx.needs_input_grad[4] else None
         return (None, None, None, a0 + grad_ys[0], grad_t, *mu)
