@@ -8,6 +8,7 @@ backward solve ignores μ by default (`adjoint_norm="seminorm"`, Kidger et al. 2
 Memory: the outputs, O(len(t)·d). Backward cost per evaluation of the augmented field: one f
 evaluation and one VJP. The gradient is approximate, its error following the tolerances; the
 backward re-solve of y can be unstable for dissipative dynamics (then use "interpolated").
+f should be deterministic: active dropout would draw new masks at every backward evaluation.
 
 Options: adjoint_method (any method name; default the forward's), adjoint_rtol, adjoint_atol
 (default the forward's), adjoint_step_size (the step of a fixed-step backward solve, default
