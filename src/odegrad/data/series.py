@@ -1,0 +1,140 @@
+"""Irregularly sampled time series: synthetic spirals and real series from statsmodels.
+
+Every dataset is a set of windows on a common time grid `t`. Each window keeps a random subset
+of its grid points (`mask`), so series are sampled irregularly and differently from each other.
+The first `n_observed` grid times form the observation window (what an encoder may see); the
+rest is the extrapolation horizon.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["Series", "SeriesSplit", "make_spirals", "load_statsmodels_series", "SERIES"]
+
+SERIES = ("spirals", "sunspots", "co2")
+
+
+@dataclass
+class Series:
+    """values (N, T, D) on the grid t (T,); mask (N, T) is 1 where a value was observed."""
+
+    t: Tensor
+    values: Tensor
+    mask: Tensor
+    n_observed: int
+
+    def __len__(self) -> int:
+        return self.values.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.values.shape[-1]
+
+    def encoder_mask(self) -> Tensor:
+        """The observations an encoder may read: the masked points of the observation window."""
+        mask = self.mask.clone()
+        mask[:, self.n_observed:] = 0.0
+        return mask
+
+
+@dataclass
+class SeriesSplit:
+    """Training and test windows; `mean` and `std` undo the standardisation (values·std + mean)."""
+
+    train: Series
+    test: Series
+    name: str
+    mean: float = 0.0
+    std: float = 1.0
+    time_unit: str = ""
+
+
+def _irregular_mask(n: int, length: int, keep: float, g: torch.Generator) -> Tensor:
+    """Keep each grid point with probability `keep`; every series keeps at least its first one."""
+    if not 0.0 < keep <= 1.0:
+        raise ValueError(f"keep must be in (0, 1], got {keep}")
+    mask = (torch.rand(n, length, generator=g) < keep).float()
+    mask[:, 0] = 1.0
+    return mask
+
+
+def make_spirals(
+    n_train: int = 400, n_test: int = 100, length: int = 100, t_max: float = 6.0,
+    observed_fraction: float = 0.6, keep: float = 0.5, noise: float = 0.05, seed: int = 0,
+) -> SeriesSplit:
+    """Archimedean spirals r(t) = r_0 + 0.3 t, angle φ ± 1.5 t, clockwise or counter-clockwise.
+
+    Start radius r_0 ~ U(0.5, 1.5) and phase φ ~ U(0, 2π) vary per series; Gaussian noise of std
+    `noise` is added to the observations.
+    """
+    g = torch.Generator().manual_seed(seed)
+    n = n_train + n_test
+    t = torch.linspace(0.0, t_max, length)
+    r0 = 0.5 + torch.rand(n, 1, generator=g)
+    phase = 2 * math.pi * torch.rand(n, 1, generator=g)
+    direction = torch.where(torch.rand(n, 1, generator=g) < 0.5, -1.0, 1.0)
+    radius = r0 + 0.3 * t
+    angle = phase + direction * 1.5 * t
+    values = torch.stack([radius * torch.cos(angle), radius * torch.sin(angle)], -1)
+    values = values + noise * torch.randn(values.shape, generator=g)
+    mask = _irregular_mask(n, length, keep, g)
+    n_observed = max(2, int(round(observed_fraction * length)))
+    return SeriesSplit(
+        train=Series(t, values[:n_train], mask[:n_train], n_observed),
+        test=Series(t, values[n_train:], mask[n_train:], n_observed),
+        name="spirals",
+    )
+
+
+def _raw_series(name: str) -> tuple[np.ndarray, str]:
+    """The series as float64 and its time unit (sunspots: yearly; co2: monthly means)."""
+    import statsmodels.datasets as datasets
+
+    if name == "sunspots":
+        frame = datasets.sunspots.load_pandas().data
+        return frame["SUNACTIVITY"].to_numpy(dtype=np.float64), "year"
+    if name == "co2":
+        frame = datasets.co2.load_pandas().data
+        monthly = frame["co2"].resample("MS").mean().interpolate(limit_direction="both")
+        return monthly.to_numpy(dtype=np.float64), "month"
+    raise ValueError(f"unknown statsmodels series {name!r}; valid: sunspots, co2")
+
+
+def load_statsmodels_series(
+    name: str = "sunspots", window: int = 60, stride: int = 1, t_max: float = 6.0,
+    observed_fraction: float = 0.75, keep: float = 0.5, train_fraction: float = 0.7,
+    seed: int = 0,
+) -> SeriesSplit:
+    """Windows of a real series from statsmodels (sunspots 1700–2008 yearly, or Mauna Loa co2
+    1958–2001 as monthly means), split in time: training windows lie in the first
+    `train_fraction` of the record, test windows after it. Standardised with the training part's
+    mean and std; each window is subsampled irregularly (`keep`)."""
+    raw, unit = _raw_series(name)
+    split = int(train_fraction * len(raw))
+    if window < 4 or split - window < 0 or len(raw) - split < window:
+        raise ValueError(
+            f"window={window} does not fit the {name} record of {len(raw)} {unit}s split at "
+            f"{split}"
+        )
+    mean, std = float(raw[:split].mean()), float(raw[:split].std())
+    values = torch.as_tensor((raw - mean) / std, dtype=torch.float32)
+
+    def windows(start: int, stop: int) -> Tensor:
+        starts = range(start, stop - window + 1, stride)
+        return torch.stack([values[s:s + window] for s in starts])[..., None]
+
+    train, test = windows(0, split), windows(split, len(raw))
+    g = torch.Generator().manual_seed(seed)
+    t = torch.linspace(0.0, t_max, window)
+    n_observed = max(2, int(round(observed_fraction * window)))
+    return SeriesSplit(
+        train=Series(t, train, _irregular_mask(len(train), window, keep, g), n_observed),
+        test=Series(t, test, _irregular_mask(len(test), window, keep, g), n_observed),
+        name=name, mean=mean, std=std, time_unit=unit,
+    )
