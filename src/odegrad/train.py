@@ -166,7 +166,7 @@ class ClassifierTask(Task):
 
     name = "classifier"
     help = "ODE-Net image classifier on digits (8x8, offline) or MNIST (local IDX files)"
-    defaults = dict(method="rk4", step_size=0.25, rtol=1e-3, atol=1e-4, epochs=15,
+    defaults = dict(method="rk4", step_size=0.25, rtol=1e-3, atol=1e-4, epochs=10,
                     batch_size=64, lr=3e-3, weight_decay=1e-4)
 
     @staticmethod

@@ -153,7 +153,7 @@ class CNF(nn.Module):
         param = next(self.parameters())
         z = torch.randn(n, self.dim, generator=generator, dtype=param.dtype).to(param.device)
         block = self.block
-        t = block.t.flip(0).to(dtype=z.dtype, device=z.device)
+        t = block.times[::-1]
         with_field = ODEBlock(
             self.field, t, method=block.method, gradient=block.gradient, rtol=block.rtol,
             atol=block.atol, step_size=block.step_size, checkpoints=block.checkpoints,

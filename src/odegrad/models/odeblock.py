@@ -37,10 +37,11 @@ class ODEBlock(nn.Module):
     ):
         super().__init__()
         self.func = func
-        times = torch.as_tensor(t, dtype=torch.get_default_dtype()).reshape(-1)
-        if times.numel() < 2:
-            raise ValueError(f"ODEBlock needs at least two times, got {times.tolist()}")
-        self.register_buffer("t", times, persistent=False)
+        times = tuple(float(v) for v in torch.as_tensor(t, dtype=torch.float64).reshape(-1))
+        if len(times) < 2:
+            raise ValueError(f"ODEBlock needs at least two times, got {list(times)}")
+        self.times = times  # Python floats: exact in any dtype the input comes in
+        self._t_cache: dict = {}
         self.method = method
         self.gradient = gradient
         self.rtol, self.atol, self.step_size = rtol, atol, step_size
@@ -50,8 +51,7 @@ class ODEBlock(nn.Module):
 
     def solve(self, y0: Tensor, t: Tensor | None = None) -> Tensor:
         """y at every time of `t` (default: the block's times), shape (len(t), *y0.shape)."""
-        t = self.t if t is None else t
-        t = t.to(dtype=y0.dtype, device=y0.device)
+        t = self.t_like(y0) if t is None else t.to(dtype=y0.dtype, device=y0.device)
         params = [p for p in self.func.parameters() if p.requires_grad]
         solution = solve(
             self.func, y0, t, method=self.method, gradient=self.gradient, rtol=self.rtol,
@@ -60,6 +60,13 @@ class ODEBlock(nn.Module):
         )
         self.stats = solution.stats
         return solution.ys
+
+    def t_like(self, y: Tensor) -> Tensor:
+        """The block's times as a tensor of y's dtype and device (built once per kind)."""
+        key = (y.dtype, y.device)
+        if key not in self._t_cache:
+            self._t_cache[key] = torch.tensor(self.times, dtype=y.dtype, device=y.device)
+        return self._t_cache[key]
 
     def forward(self, y0: Tensor) -> Tensor:
         return self.solve(y0)[-1]
@@ -70,4 +77,4 @@ class ODEBlock(nn.Module):
             settings += f", step_size={self.step_size}"
         if self.checkpoints is not None:
             settings += f", checkpoints={self.checkpoints!r}"
-        return settings + f", t={self.t.tolist()}"
+        return settings + f", t={list(self.times)}"
