@@ -77,6 +77,19 @@ def test_odeblock_matches_matrix_exponential():
     assert _relative(ys[1], y0 @ torch.linalg.matrix_exp(0.3 * a).T) < 1e-8
 
 
+def test_odeblock_float32_lands_on_the_end_time():
+    """A step that would stop within the resolution of t (float32) short of the end is
+    stretched to it, instead of leaving a remainder that raises StepSizeUnderflowError (a
+    latent-ODE training run hit this at t = 5.99999721 of 6)."""
+    class Zero(nn.Module):
+        def forward(self, t, y):
+            return torch.zeros_like(y)
+
+    block = ODEBlock(Zero(), (0.0, 6.0), method="dopri5", step_size=6.0 - 2e-6)
+    y = block(torch.ones(3))
+    assert torch.equal(y, torch.ones(3)) and block.stats["n_accepted"] == 1
+
+
 def test_odeblock_gradcheck_fixed_step():
     torch.manual_seed(1)
     field = nn.Sequential(nn.Linear(2, 4), nn.Tanh(), nn.Linear(4, 2)).double()

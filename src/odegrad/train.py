@@ -245,7 +245,7 @@ class CNFTask(Task):
     name = "cnf"
     help = "FFJORD continuous normalizing flow on a 2-D toy density"
     defaults = dict(method="dopri5", step_size=None, rtol=1e-5, atol=1e-5, epochs=10,
-                    batch_size=256, lr=3e-3, weight_decay=0.0)
+                    batch_size=256, lr=1e-2, weight_decay=0.0)
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
