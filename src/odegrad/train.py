@@ -328,7 +328,7 @@ class LatentTask(Task):
 
     name = "latent"
     help = "latent ODE on irregularly sampled spirals or a statsmodels series"
-    defaults = dict(method="dopri5", step_size=None, rtol=1e-3, atol=1e-4, epochs=30,
+    defaults = dict(method="dopri5", step_size=None, rtol=1e-3, atol=1e-4, epochs=80,
                     batch_size=32, lr=5e-3, weight_decay=0.0)
 
     @staticmethod
@@ -342,6 +342,10 @@ class LatentTask(Task):
                             help="the likelihood's noise std (standardised units)")
         parser.add_argument("--keep", type=_fraction, default=0.5,
                             help="fraction of grid points each series keeps (irregular sampling)")
+        parser.add_argument("--window", type=_positive_int, default=None,
+                            help="statsmodels series: samples per window (default 24)")
+        parser.add_argument("--time-step", type=_positive_float, default=None,
+                            help="statsmodels series: time between samples (default 0.25)")
 
     def load(self) -> TensorDataset:
         from .data import load_statsmodels_series, make_spirals
@@ -350,7 +354,9 @@ class LatentTask(Task):
         if a.dataset == "spirals":
             self.split = make_spirals(keep=a.keep)
         else:
-            self.split = load_statsmodels_series(a.dataset, keep=a.keep)
+            options = {k: v for k, v in (("window", a.window), ("time_step", a.time_step))
+                       if v is not None}
+            self.split = load_statsmodels_series(a.dataset, keep=a.keep, **options)
         train = self.split.train
         self.t = train.t.to(self.device)
         return TensorDataset(train.values, train.mask, train.encoder_mask())
@@ -378,14 +384,20 @@ class LatentTask(Task):
         predicted = model.predict(self.t, values, encoder_mask)
         error = (predicted - values).pow(2).mean(-1)
         k = test.n_observed
+        # a naive reference: each series' mean over what the encoder saw, held constant
+        seen = encoder_mask.unsqueeze(-1)
+        level = (values * seen).sum(1, keepdim=True) / seen.sum(1, keepdim=True)
+        naive = (level - values[:, k:]).pow(2).mean(-1)
         sums = self._reduce({
             "loss": loss, "count": len(values),
             "recon": float(error[:, :k].mean(-1).sum()),
             "extrap": float(error[:, k:].mean(-1).sum()),
+            "naive": float(naive.mean(-1).sum()),
         })
         n = sums["count"]
         return {"test_loss": sums["loss"] / n, "reconstruction_mse": sums["recon"] / n,
-                "extrapolation_mse": sums["extrap"] / n}
+                "extrapolation_mse": sums["extrap"] / n,
+                "constant_extrapolation_mse": sums["naive"] / n}
 
     def plot(self, model, history, out):
         files = [_save(_loss_figure(history, "negative ELBO per grid value",
