@@ -153,7 +153,8 @@ class Task:
     def _shard(self, n: int) -> slice:
         return slice(self.context.rank, n, self.context.world_size)
 
-    def _reduce(self, sums: dict) -> dict:
+    def all_reduce(self, sums: dict) -> dict:
+        """Sums over all ranks of a dict of numbers (floats or 0-dim tensors)."""
         keys = sorted(sums)
         values = torch.tensor([float(sums[k]) for k in keys], dtype=torch.float64,
                               device=self.device if self.device.type == "cuda" else "cpu")
@@ -213,7 +214,7 @@ class ClassifierTask(Task):
             sums["loss"] += float(nn.functional.cross_entropy(logits, yb, reduction="sum"))
             sums["correct"] += float((logits.argmax(-1) == yb).sum())
             sums["count"] += len(yb)
-        sums = self._reduce(sums)
+        sums = self.all_reduce(sums)
         return {"test_loss": sums["loss"] / sums["count"],
                 "test_accuracy": sums["correct"] / sums["count"]}
 
@@ -285,7 +286,7 @@ class CNFTask(Task):
             torch.manual_seed(0)
             for start in range(0, len(x), 1024):
                 total -= float(model.log_prob(x[start:start + 1024].to(self.device)).sum())
-        sums = self._reduce({"nll": total, "count": len(x)})
+        sums = self.all_reduce({"nll": total, "count": len(x)})
         return {"test_nll": sums["nll"] / sums["count"], "gaussian_test_nll": self.gaussian_nll}
 
     def plot(self, model, history, out):
@@ -388,7 +389,7 @@ class LatentTask(Task):
         seen = encoder_mask.unsqueeze(-1)
         level = (values * seen).sum(1, keepdim=True) / seen.sum(1, keepdim=True)
         naive = (level - values[:, k:]).pow(2).mean(-1)
-        sums = self._reduce({
+        sums = self.all_reduce({
             "loss": loss, "count": len(values),
             "recon": float(error[:, :k].mean(-1).sum()),
             "extrap": float(error[:, k:].mean(-1).sum()),
@@ -641,9 +642,9 @@ def train(task: Task, train_set: TensorDataset) -> dict:
             start = time.perf_counter()
             batch = [b.to(context.device) for b in batch]
             loss, batch_sums = task.loss(ddp_model, batch)
-            loss_value = loss.detach()
-            if not torch.isfinite(loss_value):
-                raise FloatingPointError(f"the training loss became {float(loss_value)} at epoch "
+            loss_value = float(loss.detach())  # the one host sync of the iteration
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(f"the training loss became {loss_value} at epoch "
                                          f"{epoch}, iteration {i}; lower --lr or the tolerances")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -659,11 +660,12 @@ def train(task: Task, train_set: TensorDataset) -> dict:
                 if held is not None:
                     checkpoint_bytes = max(checkpoint_bytes or 0, int(held))
             for key, value in batch_sums.items():
-                sums[key] = sums.get(key, 0.0) + float(value)
-            bar.set_postfix(loss=f"{float(loss_value):.4f}")
+                sums[key] = sums.get(key, 0.0) + (value.detach() if torch.is_tensor(value)
+                                                  else value)
+            bar.set_postfix(loss=f"{loss_value:.4f}")
         bar.close()
         train_time = time.perf_counter() - epoch_start
-        sums = task._reduce(sums)
+        sums = task.all_reduce(sums)
         record = {"epoch": epoch, "train_loss": sums["loss"] / sums["count"]}
         if "correct" in sums:
             record["train_accuracy"] = sums["correct"] / sums["count"]
