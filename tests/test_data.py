@@ -134,19 +134,31 @@ def test_spirals_are_archimedean_and_irregular():
     assert torch.equal(encoder[:, :train.n_observed], train.mask[:, :train.n_observed])
 
 
-def test_statsmodels_sunspots_windows_come_from_the_record():
+@pytest.mark.parametrize("normalise", ["window", "global"])
+def test_statsmodels_sunspots_windows_come_from_the_record(normalise):
     import statsmodels.datasets as datasets
 
     raw = datasets.sunspots.load_pandas().data["SUNACTIVITY"].to_numpy()
-    split = load_statsmodels_series("sunspots", window=40, stride=5, train_fraction=0.7)
+    split = load_statsmodels_series("sunspots", window=40, stride=5, train_fraction=0.7,
+                                    normalise=normalise)
     boundary = int(0.7 * len(raw))
-    assert math.isclose(split.mean, raw[:boundary].mean()) and split.time_unit == "year"
-    restored = split.train.values[..., 0] * split.std + split.mean
+    assert split.time_unit == "year" and split.train.n_observed == 30
+    restored = split.train.original(split.train.values)[..., 0]
     for k in range(len(split.train)):
-        assert np.allclose(restored[k].numpy(), raw[5 * k:5 * k + 40], atol=1e-3)
-    first_test = split.test.values[0, :, 0] * split.std + split.mean
-    assert np.allclose(first_test.numpy(), raw[boundary:boundary + 40], atol=1e-3)
-    assert split.train.n_observed == 30
+        assert np.allclose(restored[k].numpy(), raw[5 * k:5 * k + 40], rtol=1e-5, atol=1e-3)
+    first_test = split.test.original(split.test.values)[0, :, 0]
+    assert np.allclose(first_test.numpy(), raw[boundary:boundary + 40], rtol=1e-5, atol=1e-3)
+    values = split.train.values[..., 0]
+    if normalise == "global":
+        assert math.isclose(float(split.train.offset[0]), raw[:boundary].mean(), rel_tol=1e-6)
+        assert torch.allclose(split.train.scale, split.train.scale[0])
+    else:
+        # standardised by the observed points of the observation window only
+        seen = split.train.encoder_mask()
+        mean = (values * seen).sum(1) / seen.sum(1)
+        var = ((values - mean[:, None]) ** 2 * seen).sum(1) / seen.sum(1)
+        assert torch.allclose(mean, torch.zeros_like(mean), atol=1e-5)
+        assert torch.allclose(var, torch.ones_like(var), atol=1e-4)
 
 
 def test_statsmodels_co2_is_monthly_and_gap_free():

@@ -129,10 +129,18 @@ def test_cnf_beats_a_gaussian_on_moons(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dataset", ["spirals", "sunspots"])
-def test_latent_ode_learns_the_series(tmp_path, dataset):
+def test_latent_ode_learns_spirals(tmp_path):
+    code, out = _train(tmp_path, "latent", "--no-progress")
+    assert code == 0
+    final = _summary(out)["final"]
+    # the spirals have std ≈ 1.5 and observation noise 0.05 (variance 0.0025)
+    assert final["reconstruction_mse"] < 0.05 and final["extrapolation_mse"] < 0.1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dataset", ["sunspots", "co2"])
+def test_latent_ode_forecasts_a_real_series(tmp_path, dataset):
     code, out = _train(tmp_path, "latent", "--dataset", dataset, "--no-progress")
     assert code == 0
     final = _summary(out)["final"]
-    # standardised units (spirals: raw units of std ≈ 1.5): well below the data's variance
-    assert final["reconstruction_mse"] < 0.3 and final["extrapolation_mse"] < 0.6
+    assert final["extrapolation_mse"] < 0.9 * final["constant_extrapolation_mse"]

@@ -6,7 +6,7 @@ statsmodels series. Each run shows progress bars, prints metrics per epoch and w
 model.pt (state_dict), summary.json (final metrics, time per iteration, peak memory, NFE) and
 PNG plots. Data parallel on several processes or GPUs when started by torchrun, e.g.
 
-    torchrun --nproc_per_node=2 -m odegrad train classifier --gradient direct
+    torchrun --standalone --nproc_per_node=2 -m odegrad train classifier
 """
 
 from __future__ import annotations
@@ -172,13 +172,15 @@ class ClassifierTask(Task):
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--dataset", choices=("digits", "mnist"), default="digits")
+        parser.add_argument("--dataset", choices=("digits", "mnist"), default="digits",
+                            help="the images")
         parser.add_argument("--data-dir", default=None,
-                            help="folder with the MNIST IDX files (default: $ODEGRAD_DATA/mnist "
+                            help="folder with the MNIST IDX files (None: $ODEGRAD_DATA/mnist "
                                  "or ~/.cache/odegrad/mnist)")
-        parser.add_argument("--channels", type=_positive_int, default=32)
+        parser.add_argument("--channels", type=_positive_int, default=32,
+                            help="feature maps of the ODE block")
         parser.add_argument("--downsample", type=int, choices=(0, 1, 2), default=None,
-                            help="stride-2 convolutions before the ODE block (default: 0 for "
+                            help="stride-2 convolutions before the ODE block (None: 0 for "
                                  "digits, 2 for MNIST)")
         parser.add_argument("--blocks", type=_positive_int, default=1, help="ODE blocks")
 
@@ -252,12 +254,16 @@ class CNFTask(Task):
     def add_arguments(parser: argparse.ArgumentParser) -> None:
         from .data import TOY_DENSITIES
 
-        parser.add_argument("--dataset", choices=TOY_DENSITIES, default="moons")
-        parser.add_argument("--n-train", type=_positive_int, default=8192)
-        parser.add_argument("--n-test", type=_positive_int, default=4096)
+        parser.add_argument("--dataset", choices=TOY_DENSITIES, default="moons",
+                            help="the 2-D density")
+        parser.add_argument("--n-train", type=_positive_int, default=8192,
+                            help="training points")
+        parser.add_argument("--n-test", type=_positive_int, default=4096, help="test points")
         parser.add_argument("--hidden", type=_int_list, default=(64, 64, 64),
                             help="hidden widths of the concat-squash field, comma-separated")
-        parser.add_argument("--trace", choices=("auto", "exact", "hutchinson"), default="auto")
+        parser.add_argument("--trace", choices=("auto", "exact", "hutchinson"), default="auto",
+                            help="the divergence: exact, Hutchinson's estimate, or auto (exact "
+                                 "up to 8 dimensions)")
         parser.add_argument("--grid", type=_positive_int, default=120,
                             help="points per axis of the density plot")
 
@@ -336,17 +342,23 @@ class LatentTask(Task):
     def add_arguments(parser: argparse.ArgumentParser) -> None:
         from .data import SERIES
 
-        parser.add_argument("--dataset", choices=SERIES, default="spirals")
-        parser.add_argument("--latent-dim", type=_positive_int, default=6)
-        parser.add_argument("--hidden", type=_positive_int, default=48)
+        parser.add_argument("--dataset", choices=SERIES, default="spirals",
+                            help="synthetic spirals or a statsmodels series")
+        parser.add_argument("--latent-dim", type=_positive_int, default=6,
+                            help="dimension of the latent state")
+        parser.add_argument("--hidden", type=_positive_int, default=48,
+                            help="width of the field, decoder and GRU encoder")
         parser.add_argument("--obs-std", type=_positive_float, default=0.1,
                             help="the likelihood's noise std (standardised units)")
         parser.add_argument("--keep", type=_fraction, default=0.5,
                             help="fraction of grid points each series keeps (irregular sampling)")
         parser.add_argument("--window", type=_positive_int, default=None,
-                            help="statsmodels series: samples per window (default 24)")
+                            help="statsmodels series: samples per window (None: 24)")
         parser.add_argument("--time-step", type=_positive_float, default=None,
-                            help="statsmodels series: time between samples (default 0.25)")
+                            help="statsmodels series: time between samples (None: 0.25)")
+        parser.add_argument("--normalise", choices=("window", "global"), default="window",
+                            help="statsmodels series: standardise each window by its observed "
+                                 "points, or all by the training record")
 
     def load(self) -> TensorDataset:
         from .data import load_statsmodels_series, make_spirals
@@ -357,7 +369,8 @@ class LatentTask(Task):
         else:
             options = {k: v for k, v in (("window", a.window), ("time_step", a.time_step))
                        if v is not None}
-            self.split = load_statsmodels_series(a.dataset, keep=a.keep, **options)
+            self.split = load_statsmodels_series(a.dataset, keep=a.keep,
+                                                 normalise=a.normalise, **options)
         train = self.split.train
         self.t = train.t.to(self.device)
         return TensorDataset(train.values, train.mask, train.encoder_mask())
@@ -384,6 +397,8 @@ class LatentTask(Task):
             loss = float(model(self.t, values, mask, encoder_mask)) * len(values)
         predicted = model.predict(self.t, values, encoder_mask)
         error = (predicted - values).pow(2).mean(-1)
+        error_original = (test.original(predicted, part) - test.original(values, part)).pow(2)
+        error_original = error_original.mean(-1)
         k = test.n_observed
         # a naive reference: each series' mean over what the encoder saw, held constant
         seen = encoder_mask.unsqueeze(-1)
@@ -394,11 +409,17 @@ class LatentTask(Task):
             "recon": float(error[:, :k].mean(-1).sum()),
             "extrap": float(error[:, k:].mean(-1).sum()),
             "naive": float(naive.mean(-1).sum()),
+            "recon_original": float(error_original[:, :k].mean(-1).sum()),
+            "extrap_original": float(error_original[:, k:].mean(-1).sum()),
         })
         n = sums["count"]
-        return {"test_loss": sums["loss"] / n, "reconstruction_mse": sums["recon"] / n,
-                "extrapolation_mse": sums["extrap"] / n,
-                "constant_extrapolation_mse": sums["naive"] / n}
+        metrics = {"test_loss": sums["loss"] / n, "reconstruction_mse": sums["recon"] / n,
+                   "extrapolation_mse": sums["extrap"] / n,
+                   "constant_extrapolation_mse": sums["naive"] / n}
+        if test.scale is not None:
+            metrics["reconstruction_mse_original_units"] = sums["recon_original"] / n
+            metrics["extrapolation_mse_original_units"] = sums["extrap_original"] / n
+        return metrics
 
     def plot(self, model, history, out):
         files = [_save(_loss_figure(history, "negative ELBO per grid value",
@@ -421,15 +442,15 @@ class LatentTask(Task):
                 ax.plot(*predicted[j, k - 1:].T, "C3--", label="extrapolation")
                 ax.set_aspect("equal")
             else:
-                mean, std, unit = self.split.mean, self.split.std, self.split.time_unit
+                truth = test.original(values[j], shown[j])[:, 0]
+                guess = test.original(predicted[j], shown[j])[:, 0]
                 steps = torch.arange(len(t))
-                ax.plot(steps, values[j, :, 0] * std + mean, color="0.75", lw=1, label="truth")
-                ax.plot(steps[seen], values[j, seen, 0] * std + mean, "k.", label="observed")
-                ax.plot(steps[:k], predicted[j, :k, 0] * std + mean, "C0-", label="reconstruction")
-                ax.plot(steps[k - 1:], predicted[j, k - 1:, 0] * std + mean, "C3--",
-                        label="extrapolation")
+                ax.plot(steps, truth, color="0.75", lw=1, label="truth")
+                ax.plot(steps[seen], truth[seen], "k.", label="observed")
+                ax.plot(steps[:k], guess[:k], "C0-", label="reconstruction")
+                ax.plot(steps[k - 1:], guess[k - 1:], "C3--", label="extrapolation")
                 ax.axvline(k - 1, color="0.5", ls=":")
-                ax.set_xlabel(f"{unit}s from window start")
+                ax.set_xlabel(f"{self.split.time_unit}s from window start")
             ax.set_title(f"test series {int(shown[j])}")
         figure.axes[0].legend(fontsize=8)
         figure.suptitle(f"latent ODE on {self.args.dataset}: method={self.args.method}, "
@@ -500,29 +521,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _add_common(parser: argparse.ArgumentParser, defaults: dict, name: str) -> None:
     solver = parser.add_argument_group("solver")
-    solver.add_argument("--method", choices=sorted(SOLVERS), default=defaults["method"])
-    solver.add_argument("--gradient", choices=available_gradients(), default="direct")
+    solver.add_argument("--method", choices=sorted(SOLVERS), default=defaults["method"],
+                        help="the ODE scheme")
+    solver.add_argument("--gradient", choices=available_gradients(), default="direct",
+                        help="how the solves are differentiated")
     solver.add_argument("--checkpoints", type=_checkpoints, default=None,
                         help="what gradient=discrete keeps: all, solution or an int budget")
     solver.add_argument("--step-size", type=_positive_float, default=defaults["step_size"],
                         help="fixed-step methods: the step; adaptive ones: the first step")
-    solver.add_argument("--rtol", type=_positive_float, default=defaults["rtol"])
-    solver.add_argument("--atol", type=_positive_float, default=defaults["atol"])
+    solver.add_argument("--rtol", type=_positive_float, default=defaults["rtol"],
+                        help="relative tolerance of adaptive methods")
+    solver.add_argument("--atol", type=_positive_float, default=defaults["atol"],
+                        help="absolute tolerance of adaptive methods")
     solver.add_argument("--option", type=_option, action="append", metavar="KEY=VALUE",
                         help="a method or gradient option passed to odegrad.solve, e.g. "
                              "coupling=0.999 (repeatable)")
     training = parser.add_argument_group("training")
-    training.add_argument("--epochs", type=_positive_int, default=defaults["epochs"])
+    training.add_argument("--epochs", type=_positive_int, default=defaults["epochs"],
+                          help="passes over the training set")
     training.add_argument("--batch-size", type=_positive_int, default=defaults["batch_size"],
                           help="the global batch, split evenly over the processes")
-    training.add_argument("--lr", type=_positive_float, default=defaults["lr"])
-    training.add_argument("--weight-decay", type=float, default=defaults["weight_decay"])
+    training.add_argument("--lr", type=_positive_float, default=defaults["lr"],
+                          help="AdamW's learning rate")
+    training.add_argument("--weight-decay", type=float, default=defaults["weight_decay"],
+                          help="AdamW's weight decay")
     training.add_argument("--schedule", choices=("cosine", "constant"), default="cosine",
                           help="learning-rate schedule over all iterations")
     training.add_argument("--max-iters", type=_positive_int, default=None,
                           help="stop each epoch after this many iterations (quick checks)")
     training.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    training.add_argument("--seed", type=int, default=0)
+    training.add_argument("--seed", type=int, default=0,
+                          help="seed of the initialisation, shuffling and sampling")
     training.add_argument("--threads", type=int, default=1,
                           help="torch CPU threads per process (0: torch's default); these "
                                "small models gain little from more and suffer from "

@@ -22,12 +22,24 @@ SERIES = ("spirals", "sunspots", "co2")
 
 @dataclass
 class Series:
-    """values (N, T, D) on the grid t (T,); mask (N, T) is 1 where a value was observed."""
+    """values (N, T, D) on the grid t (T,); mask (N, T) is 1 where a value was observed.
+
+    `values` may be normalised: `original(values)` = values · scale + offset undoes it, with
+    `offset` and `scale` of shape (N, 1, D) (None: the values are in original units).
+    """
 
     t: Tensor
     values: Tensor
     mask: Tensor
     n_observed: int
+    offset: Tensor | None = None
+    scale: Tensor | None = None
+
+    def original(self, values: Tensor, index: Tensor | slice = slice(None)) -> Tensor:
+        """`values` of the series `index` (predictions too) back in the data's own units."""
+        if self.scale is None:
+            return values
+        return values * self.scale[index].to(values) + self.offset[index].to(values)
 
     def __len__(self) -> int:
         return self.values.shape[0]
@@ -45,13 +57,11 @@ class Series:
 
 @dataclass
 class SeriesSplit:
-    """Training and test windows; `mean` and `std` undo the standardisation (values·std + mean)."""
+    """Training and test windows of one dataset."""
 
     train: Series
     test: Series
     name: str
-    mean: float = 0.0
-    std: float = 1.0
     time_unit: str = ""
 
 
@@ -106,18 +116,32 @@ def _raw_series(name: str) -> tuple[np.ndarray, str]:
     raise ValueError(f"unknown statsmodels series {name!r}; valid: sunspots, co2")
 
 
+def _window_statistics(windows: Tensor, mask: Tensor, n_observed: int) -> tuple[Tensor, Tensor]:
+    """The mean and std (N, 1, 1) of each window's observed points in its observation window:
+    what an encoder may see, so nothing from the extrapolation horizon leaks in."""
+    seen = mask[:, :n_observed, None]
+    count = seen.sum(1, keepdim=True)
+    mean = (windows[:, :n_observed] * seen).sum(1, keepdim=True) / count
+    spread = ((windows[:, :n_observed] - mean).pow(2) * seen).sum(1, keepdim=True) / count
+    return mean, spread.sqrt().clamp_min(1e-3 * float(windows.abs().mean()))
+
+
 def load_statsmodels_series(
     name: str = "sunspots", window: int = 24, stride: int = 1, time_step: float = 0.25,
     observed_fraction: float = 0.75, keep: float = 0.5, train_fraction: float = 0.7,
-    seed: int = 0,
+    normalise: str = "window", seed: int = 0,
 ) -> SeriesSplit:
     """Windows of a real series from statsmodels (sunspots 1700–2008 yearly, or Mauna Loa co2
     1958–2001 as monthly means), split in time: training windows lie in the first
-    `train_fraction` of the record, test windows after it. Standardised with the training part's
-    mean and std; each window is subsampled irregularly (`keep`). Time runs `time_step` per
-    sample. The defaults (24 samples, [0, 5.75]) hold about two solar or co2 cycles per window,
-    which a latent ODE learns in a few hundred iterations; 60-year windows stall on a smooth
-    fit."""
+    `train_fraction` of the record, test windows after it. Each window is subsampled
+    irregularly (`keep`) and normalised (`normalise`: "window", by the mean and std of its own
+    observed points in the observation window, so a model sees the shape and not the level
+    that drifts across the record; or "global", by the training record's mean and std).
+    Time runs `time_step` per sample. The defaults (24 samples over [0, 5.75]) hold about two
+    solar or co2 cycles per window, which a latent ODE learns in a few hundred iterations;
+    60-year windows stall on a smooth fit."""
+    if normalise not in ("window", "global"):
+        raise ValueError(f"normalise must be 'window' or 'global', got {normalise!r}")
     raw, unit = _raw_series(name)
     split = int(train_fraction * len(raw))
     if window < 4 or split - window < 0 or len(raw) - split < window:
@@ -125,19 +149,24 @@ def load_statsmodels_series(
             f"window={window} does not fit the {name} record of {len(raw)} {unit}s split at "
             f"{split}"
         )
-    mean, std = float(raw[:split].mean()), float(raw[:split].std())
-    values = torch.as_tensor((raw - mean) / std, dtype=torch.float32)
+    values = torch.as_tensor(raw, dtype=torch.float32)
 
     def windows(start: int, stop: int) -> Tensor:
         starts = range(start, stop - window + 1, stride)
         return torch.stack([values[s:s + window] for s in starts])[..., None]
 
-    train, test = windows(0, split), windows(split, len(raw))
     g = torch.Generator().manual_seed(seed)
     t = time_step * torch.arange(window, dtype=torch.float32)
     n_observed = max(2, int(round(observed_fraction * window)))
-    return SeriesSplit(
-        train=Series(t, train, _irregular_mask(len(train), window, keep, g), n_observed),
-        test=Series(t, test, _irregular_mask(len(test), window, keep, g), n_observed),
-        name=name, mean=mean, std=std, time_unit=unit,
-    )
+    parts = []
+    for start, stop in ((0, split), (split, len(raw))):
+        data = windows(start, stop)
+        mask = _irregular_mask(len(data), window, keep, g)
+        if normalise == "global":
+            record = values[:split]
+            offset = torch.full((len(data), 1, 1), float(record.mean()))
+            scale = torch.full((len(data), 1, 1), float(record.std(correction=0)))
+        else:
+            offset, scale = _window_statistics(data, mask, n_observed)
+        parts.append(Series(t, (data - offset) / scale, mask, n_observed, offset, scale))
+    return SeriesSplit(train=parts[0], test=parts[1], name=name, time_unit=unit)
