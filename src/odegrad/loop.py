@@ -151,7 +151,10 @@ def integrate(
             h, end_anchor, step_anchor, step_offset = plan[stats["n_accepted"]]
         else:
             step_anchor, step_offset, end_anchor = anchor, offset, None
-            if direction * (t_n + h - t_end) >= -1e-12 * max(abs(t_end), abs(h)):
+            # Land on the end when the remainder would be below the resolution of t in y's
+            # dtype (a step that short would then raise the underflow error below).
+            resolution = 8 * torch.finfo(y.dtype).eps * max(abs(t_end), abs(t_n))
+            if direction * (t_n + h - t_end) >= -max(1e-12 * max(abs(t_end), abs(h)), resolution):
                 h, end_anchor = t_end - t_n, len(t) - 1
             if abs(h) <= 4 * torch.finfo(y.dtype).eps * max(abs(t_n), 1e-300):
                 if nonfinite_retries:
