@@ -7,6 +7,7 @@ from .errors import (
     NewtonConvergenceError,
     NonFiniteError,
     OdegradError,
+    ReversibleDriftWarning,
     StepSizeUnderflowError,
     UnknownNameError,
     UnsupportedCombinationError,
@@ -33,4 +34,5 @@ __all__ = [
     "StepSizeUnderflowError",
     "MaxStepsExceededError",
     "NewtonConvergenceError",
+    "ReversibleDriftWarning",
 ]

@@ -109,7 +109,7 @@ def solve(
     params = tuple(p for p in params if isinstance(p, Tensor) and p.requires_grad)
 
     adaptive = loop_options.get("adaptive")
-    if adaptive and not solver.adaptive:
+    if adaptive and solver.error_order is None:
         raise InvalidInputError(
             f"method {method!r} has no error estimate, so it cannot take adaptive steps"
         )

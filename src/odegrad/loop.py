@@ -18,10 +18,11 @@ from torch import Tensor
 
 from .control import Norm, PIController, initial_step_size, rms_norm, scaled_error
 from .errors import MaxStepsExceededError, NonFiniteError, StepSizeUnderflowError
-from .solvers.base import Scalar, Solver, Step, VectorField
+from .solvers.base import Scalar, Solver, Step, StepRejected, VectorField
 
 DEFAULT_MAX_STEPS = 10_000
 _MAX_NONFINITE_RETRIES = 30
+_MAX_FAILED_STEPS = 10  # StepRejected in a row before its error is raised
 
 
 @dataclass
@@ -43,10 +44,7 @@ class OutputRecord:
     index: int
     step: int
     theta: float
-
-    @property
-    def at_step_end(self) -> bool:
-        return self.theta == 1.0
+    at_step_end: bool = False  # read as y_{n+1} itself (the step's end_anchor), not interpolated
 
 
 @dataclass
@@ -122,6 +120,7 @@ def integrate(
     t_end = times[-1]
     time_grad = t.requires_grad and torch.is_grad_enabled()
 
+    solver.configure(rtol=rtol, atol=atol)
     state = solver.initial_state(y0)
     carry = solver.init(f, t[0], state)
     if adaptive:
@@ -143,6 +142,7 @@ def integrate(
 
     y, t_n, offset, anchor, next_output = state, times[0], 0.0, 0, 1
     nonfinite_retries = 0
+    failed_steps = 0
     recent_steps: list[float] = []
     while next_output < len(t):
         if stats["n_steps"] >= max_steps:
@@ -151,7 +151,10 @@ def integrate(
             h, end_anchor, step_anchor, step_offset = plan[stats["n_accepted"]]
         else:
             step_anchor, step_offset, end_anchor = anchor, offset, None
-            if direction * (t_n + h - t_end) >= -1e-12 * max(abs(t_end), abs(h)):
+            # Land on the end when the remainder would be below the resolution of t in y's
+            # dtype (a step that short would then raise the underflow error below).
+            resolution = 8 * torch.finfo(y.dtype).eps * max(abs(t_end), abs(t_n))
+            if direction * (t_n + h - t_end) >= -max(1e-12 * max(abs(t_end), abs(h)), resolution):
                 h, end_anchor = t_end - t_n, len(t) - 1
             if abs(h) <= 4 * torch.finfo(y.dtype).eps * max(abs(t_n), 1e-300):
                 if nonfinite_retries:
@@ -167,7 +170,18 @@ def integrate(
         anchor_time = t[step_anchor] if time_grad else t[step_anchor].detach()
         t_tensor = anchor_time + step_offset
         h_used = trajectory.step_size(t, record, t_tensor) if time_grad else h
-        step = solver.step(f, t_tensor, h_used, y, carry)
+        try:
+            step = solver.step(f, t_tensor, h_used, y, carry)
+        except StepRejected as rejection:
+            stats["n_steps"] += 1
+            failed_steps += 1
+            if plan is not None or failed_steps > _MAX_FAILED_STEPS:
+                raise rejection.error from None
+            stats["n_rejected"] += 1
+            carry = rejection.retry_carry if rejection.retry_carry is not None else carry
+            h = h * rejection.factor
+            continue
+        failed_steps = 0
         stats["n_steps"] += 1
 
         if plan is None:
@@ -243,7 +257,7 @@ def _emit_outputs(
         i = next_output
         if i == record.end_anchor:
             outputs[i] = solver.observe(step.y)
-            trajectory.outputs.append(OutputRecord(i, record.index, 1.0))
+            trajectory.outputs.append(OutputRecord(i, record.index, 1.0, at_step_end=True))
         else:
             theta_value = (times[i] - record.t) / record.h
             output = OutputRecord(i, record.index, theta_value)
@@ -252,6 +266,14 @@ def _emit_outputs(
             trajectory.outputs.append(output)
         next_output += 1
     return next_output
+
+
+def fixed_step_count(t: Tensor, step_size: float | None) -> int:
+    """The number of steps a fixed-step solve over the times t takes (known before it runs)."""
+    times = [float(v) for v in t.detach().cpu().tolist()]
+    if len(times) < 2:
+        return 0
+    return len(_fixed_plan(times, step_size, 1.0 if times[-1] > times[0] else -1.0))
 
 
 def _fixed_plan(times: list[float], step_size: float | None, direction: float) -> list:

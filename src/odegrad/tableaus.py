@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["ButcherTableau", "TABLEAUS", "EXPLICIT_METHODS"]
+__all__ = ["ButcherTableau", "TABLEAUS", "EXPLICIT_METHODS", "DIRK_TABLEAUS", "DIRK_PREDICTORS"]
 
 
 @dataclass(frozen=True)
@@ -303,3 +303,108 @@ TABLEAUS: dict[str, ButcherTableau] = {
     t.name: t for t in (EULER, MIDPOINT, HEUN, RK4, BOSH3, DOPRI5, TSIT5, DOPRI8)
 }
 EXPLICIT_METHODS = tuple(TABLEAUS)
+
+
+# ---------------------------------------------------------------------------------------------
+# Diagonally implicit schemes (ALGORITHMS.md §1, the DIRK recurrence and the θ-method).
+#
+# All four are ESDIRK: an explicit first stage K_1 = f(t_n, y_n), then stages with
+# a_ii = γ > 0, and stiffly accurate (b = the last row of a, so y_{n+1} is the last stage point
+# and K_s = f(t_{n+1}, y_{n+1}) is the next step's K_1: FSAL). Their dense output is the cubic
+# Hermite interpolant through (y_n, K_1) and (y_{n+1}, K_s), linear in the stages.
+# `DIRK_PREDICTORS[name][i]` holds α_ij (Σ_j α_ij = 1): Newton's first guess for stage i is
+# K_i ≈ Σ_{j<i} α_ij K_j (the linear-combination predictor described in diffrax's developer
+# notes, "Predictors for DIRK methods").
+
+
+def _theta_method(name: str, theta: float, order: int, error=None, error_order=None):
+    """The θ-method as the 2-stage ESDIRK Y_1 = y_n, Y_2 = y_{n+1}, a_21 = b_1 = 1 − θ."""
+    b = [1.0 - theta, theta]
+    return _tableau(
+        name, [0.0, 1.0], [[1.0 - theta, theta]], b, order=order, error=error,
+        error_order=error_order, fsal=True, dense=_hermite_cubic_fsal(np.array(b), 2),
+    )
+
+
+# Implicit Euler (θ = 1). Error estimate: h(K_2 − K_1)/2 = y_IE − y_trapezoid, the local error
+# −h²y''/2 of implicit Euler to leading order.
+IMPLICIT_EULER = _theta_method(
+    "implicit_euler", 1.0, order=1, error=[-0.5, 0.5], error_order=1
+)
+# Crank–Nicolson (θ = ½, the trapezoidal rule). Its error estimate needs the previous step
+# (solvers/implicit.py); error_order 2 is that of the estimated local error h³y'''/12.
+CRANK_NICOLSON = _theta_method("crank_nicolson", 0.5, order=2, error_order=2)
+
+
+def _kvaerno3() -> ButcherTableau:
+    """Kværnø's L-stable ESDIRK 3(2), 4 stages (Kværnø 2004, BIT 44: 489–502)."""
+    g = 0.43586652150845899942  # the root of 6γ³ − 18γ² + 9γ − 1 in (0, 1)
+    a31 = (-4 * g**2 + 6 * g - 1) / (4 * g)
+    a32 = (-2 * g + 1) / (4 * g)
+    a41 = (6 * g - 1) / (12 * g)
+    a42 = -1 / ((24 * g - 12) * g)
+    a43 = (-6 * g**2 + 6 * g - 1) / (6 * g - 3)
+    rows = [[g, g], [a31, a32, g], [a41, a42, a43, g]]
+    b = np.array(rows[-1])
+    b_hat = np.array([a31, a32, g, 0.0])  # the embedded second-order solution is Y_3
+    c = [0.0, 2 * g, 1.0, 1.0]
+    return _tableau(
+        "kvaerno3", c, rows, b, order=3, error=b - b_hat, error_order=2, fsal=True,
+        dense=_hermite_cubic_fsal(b, 4),
+    )
+
+
+def _kvaerno5() -> ButcherTableau:
+    """Kværnø's L-stable ESDIRK 5(4), 7 stages (Kværnø 2004, BIT 44: 489–502)."""
+    g = 0.26
+    rows = [
+        [g, g],
+        [0.13, 0.84033320996790809, g],
+        [0.22371961478320505, 0.47675532319799699, -0.06470895363112615, g],
+        [0.16648564323248321, 0.10450018841591720, 0.03631482272098715,
+         -0.13090704451073998, g],
+        [0.13855640231268224, 0.0, -0.04245337201752043, 0.02446657898003141,
+         0.61943039072480676, g],
+        [0.13659751177640291, 0.0, -0.05496908796538376, -0.04118626728321046,
+         0.62993304899016403, 0.06962479448202728, g],
+    ]
+    b = np.array(rows[-1])
+    b_hat = np.array(rows[-2] + [0.0])  # the embedded fourth-order solution is Y_6
+    c = [0.0] + [sum(row) for row in rows]
+    return _tableau(
+        "kvaerno5", c, rows, b, order=5, error=b - b_hat, error_order=4, fsal=True,
+        dense=_hermite_cubic_fsal(b, 7),
+    )
+
+
+KVAERNO3 = _kvaerno3()
+KVAERNO5 = _kvaerno5()
+
+DIRK_TABLEAUS: dict[str, ButcherTableau] = {
+    t.name: t for t in (IMPLICIT_EULER, CRANK_NICOLSON, KVAERNO3, KVAERNO5)
+}
+
+
+def _kvaerno3_predictor() -> list[list[float]]:
+    g = 0.43586652150845899942
+    theta = 1 / (2 * g)  # linear extrapolation of K through c_1 = 0, c_2 = 2γ to c_3 = 1
+    a = KVAERNO3.a
+    return [[], [1.0], [1.0 - theta, theta], [a[2, 0], a[2, 1], g]]
+
+
+DIRK_PREDICTORS: dict[str, list[list[float]]] = {
+    "implicit_euler": [[], [1.0]],
+    "crank_nicolson": [[], [1.0]],
+    "kvaerno3": _kvaerno3_predictor(),
+    # Interpolation-based predictors of OrdinaryDiffEq.jl's Kvaerno5 (with α_21 = 1), as
+    # tabulated by diffrax; the last stage is predicted by the embedded solution's weights.
+    "kvaerno5": [
+        [],
+        [1.0],
+        [-1.366025403784441, 2.3660254037844357],
+        [-0.19650552613122207, 0.8113579546496623, 0.38514757148155954],
+        [0.10375304369958693, 0.937994698066431, -0.04174774176601781, 0.0],
+        [-0.17281112873898072, 0.6235784481025847, 0.5492326806363959, 0.0, 0.0],
+        list(KVAERNO5.a[5, :6]),
+    ],
+}

@@ -62,7 +62,7 @@ from ..checkpointing import (
     reverse_segments,
 )
 from ..errors import InvalidInputError, UnknownNameError, UnsupportedCombinationError
-from ..loop import Trajectory, _fixed_plan
+from ..loop import Trajectory, fixed_step_count
 from ..problem import Problem
 from ..solvers.base import Solver, Step
 from ..solvers.explicit import ExplicitRungeKutta, combine
@@ -164,11 +164,7 @@ def _planned_steps(problem: Problem) -> int | None:
     """N for fixed steps (known before the solve), None for adaptive ones."""
     if problem.adaptive:
         return None
-    times = [float(v) for v in problem.t.detach().cpu().tolist()]
-    if len(times) < 2:
-        return 0
-    direction = 1.0 if times[-1] > times[0] else -1.0
-    return len(_fixed_plan(times, problem.step_size, direction))
+    return fixed_step_count(problem.t, problem.step_size)
 
 
 def _is_plain_rk(solver: Solver) -> bool:

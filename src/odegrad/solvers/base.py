@@ -25,6 +25,18 @@ class Step:
     retry_carry: Any = None  # what a retry from the same point reuses if this one is rejected
 
 
+class StepRejected(Exception):
+    """Raised by `Solver.step` when the step cannot be completed at this size (an implicit
+    stage's Newton iteration failed): adaptive loops retry from the same point with the step
+    times `factor`; fixed-step loops, or too many failures in a row, raise `error`."""
+
+    def __init__(self, error: Exception, retry_carry: Any = None, factor: float = 0.25):
+        super().__init__(str(error))
+        self.error = error
+        self.retry_carry = retry_carry
+        self.factor = factor
+
+
 class Solver(ABC):
     """One step of one scheme. Solvers hold coefficients, never trajectory state."""
 
@@ -35,7 +47,13 @@ class Solver(ABC):
 
     @property
     def adaptive(self) -> bool:
+        """Whether the loop adapts the step by default (it can whenever error_order is set)."""
         return self.error_order is not None
+
+    def configure(self, *, rtol: Tensor | float, atol: Tensor | float) -> None:
+        """Receive the solve's tolerances before the first step (implicit schemes set their
+        Newton tolerance from them); nothing by default."""
+        return None
 
     @abstractmethod
     def init(self, f: VectorField, t0: Tensor, y0: Tensor) -> Any:

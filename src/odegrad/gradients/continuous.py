@@ -1,0 +1,292 @@
+"""What the continuous adjoints share (ALGORITHMS.md §3, §4): the augmented adjoint field, its
+flat layout and error norm, and the backward sweep over the output intervals.
+
+Between output times the adjoint a = ∂L/∂y(t) and the parameter gradient μ solve, backwards,
+
+    da/dt = −a^T ∂f/∂y(t, y(t)),   dμ/dt = −a^T ∂f/∂θ(t, y(t)),
+
+with y(t) either solved alongside (dy/dt = f, "backsolve") or read from an interpolant
+("interpolated"). At each output time t_i, a += ∂L/∂y(t_i) (and backsolve resets y to the
+stored y(t_i)). One evaluation of the augmented field is one f evaluation and one VJP: a single
+`torch.autograd.grad` of f(t, y) with cotangent a gives a^T J and a^T P together.
+
+The time gradients are closed forms, so no time adjoint is integrated:
+∂L/∂t_i = ∂L/∂y(t_i)^T f(t_i, y(t_i)) for i ≥ 1 (an output time moves only its own output) and
+∂L/∂t_0 = −a(t_0⁺)^T f(t_0, y_0), a(t_0⁺) the adjoint before ∂L/∂y(t_0) is added (moving t_0
+with y_0 fixed shifts the whole trajectory: ∂y(t)/∂t_0 = −Φ(t, t_0) f(t_0, y_0)).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..control import Norm, rms_norm
+from ..errors import InvalidInputError, OdegradError
+from ..loop import integrate
+from ..problem import Problem
+from ..solvers import make_solver
+from ..solvers.base import Solver
+
+OPTIONS = ("adjoint_method", "adjoint_rtol", "adjoint_atol", "adjoint_step_size", "adjoint_norm")
+NORMS = ("seminorm", "full")
+
+
+@dataclass
+class AdjointSettings:
+    """How the backward solve is integrated."""
+
+    solver: Solver
+    rtol: Tensor | float
+    atol: Tensor | float
+    step_size: float | None  # fixed: the step; adaptive: the first step (None: see `sweep`)
+    adaptive: bool
+    seminorm: bool
+    max_steps: int
+
+
+def adjoint_settings(
+    problem: Problem,
+    adjoint_method: str | None = None,
+    adjoint_rtol: float | Tensor | None = None,
+    adjoint_atol: float | Tensor | None = None,
+    adjoint_step_size: float | None = None,
+    adjoint_norm: str = "seminorm",
+) -> AdjointSettings:
+    """The backward solve's settings; each defaults to the forward solve's."""
+    if adjoint_norm not in NORMS:
+        raise InvalidInputError(
+            f"adjoint_norm must be one of {', '.join(map(repr, NORMS))}, got {adjoint_norm!r}"
+        )
+    if adjoint_method is None:
+        solver, adaptive = problem.solver, bool(problem.adaptive)
+    else:
+        solver = make_solver(adjoint_method)
+        adaptive = solver.adaptive
+    step_size = adjoint_step_size
+    if step_size is None and not adaptive:
+        step_size = problem.step_size
+    if step_size is not None:
+        try:
+            step_size = float(step_size)
+        except (TypeError, ValueError):
+            step_size = -1.0
+        if not step_size > 0.0:
+            raise InvalidInputError(
+                f"adjoint_step_size must be a positive number, got {adjoint_step_size!r}"
+            )
+    return AdjointSettings(
+        solver=solver,
+        rtol=_tolerance(problem.rtol if adjoint_rtol is None else adjoint_rtol, "adjoint_rtol"),
+        atol=_tolerance(problem.atol if adjoint_atol is None else adjoint_atol, "adjoint_atol"),
+        step_size=step_size, adaptive=adaptive, seminorm=adjoint_norm == "seminorm",
+        max_steps=problem.max_steps,
+    )
+
+
+def _tolerance(value, name: str) -> Tensor | float:
+    if isinstance(value, Tensor) and value.numel() > 1:
+        if bool((value < 0).any()):
+            raise InvalidInputError(f"{name} must be non-negative")
+        return value
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise InvalidInputError(f"{name} must be a number or a tensor, got {value!r}") from None
+    if not value >= 0.0:
+        raise InvalidInputError(f"{name} must be non-negative, got {value}")
+    return value
+
+
+class Layout:
+    """An augmented state (n_state blocks shaped like y, then one block per parameter) kept as
+    one flat tensor, so that the core loop and solvers advance it unchanged."""
+
+    def __init__(self, state_shape: torch.Size, n_state: int, params: Sequence[Tensor]):
+        self.state_shape = state_shape
+        self.n_state = n_state
+        self.state_size = n_state * state_shape.numel()
+        self.shapes = [state_shape] * n_state + [p.shape for p in params]
+        self.sizes = [s.numel() for s in self.shapes]
+
+    def pack(self, parts: Sequence[Tensor]) -> Tensor:
+        return torch.cat([p.reshape(-1) for p in parts])
+
+    def unpack(self, z: Tensor) -> list[Tensor]:
+        """Views of the blocks of z."""
+        return [b.view(s) for b, s in zip(torch.split(z, self.sizes), self.shapes)]
+
+    def norm(self, state_norm: Norm, seminorm: bool) -> Norm:
+        """max over blocks of each block's norm: `state_norm` (the forward's) for the blocks
+        shaped like y, RMS per parameter; the seminorm leaves the parameter blocks out
+        (Kidger et al. 2021)."""
+        n_params = 0 if seminorm else len(self.shapes) - self.n_state
+        param_sizes = self.sizes[self.n_state:self.n_state + n_params]
+        end = self.state_size + sum(param_sizes)
+        fused = state_norm is rms_norm  # one reduction for all the y-shaped blocks
+
+        def norm(x: Tensor) -> Tensor:
+            state = x[: self.state_size].view(self.n_state, -1)
+            if fused:
+                values = [state.pow(2).mean(1).sqrt()]
+            else:
+                values = [state_norm(b.view(self.state_shape)).reshape(1) for b in state]
+            if n_params:
+                blocks = torch.split(x[self.state_size:end], param_sizes)
+                values += [rms_norm(b).reshape(1) for b in blocks]
+            return torch.cat(values).max()
+
+        return norm
+
+    def tolerance(self, value: Tensor | float) -> Tensor | float:
+        """A per-component tolerance of y, laid out over the augmented state (each parameter
+        block gets the tensor's smallest entry)."""
+        if not isinstance(value, Tensor):
+            return value
+        state = value.expand(self.state_shape).reshape(-1)
+        smallest = value.min()
+        parts = [state] * self.n_state + [smallest.expand(n) for n in self.sizes[self.n_state:]]
+        return torch.cat(parts)
+
+
+def field_vjp(
+    problem: Problem, t: Tensor, y: Tensor, a: Tensor, create_graph: bool = False
+) -> tuple[Tensor, list[Tensor]]:
+    """f(t, y) and the VJP [a^T ∂f/∂y, a^T ∂f/∂θ_1, ...] from one `torch.autograd.grad`.
+
+    With `create_graph` (an implicit adjoint method differentiating the augmented field), the
+    results stay differentiable w.r.t. y and a.
+    """
+    with torch.enable_grad():
+        y_in = y if create_graph and y.requires_grad else y.detach().requires_grad_()
+        fy = problem.f(t.detach() if isinstance(t, Tensor) else t, y_in)
+        inputs = (y_in, *problem.params)
+        if not fy.requires_grad:  # f ignores y and every parameter
+            return fy, [torch.zeros_like(x) for x in inputs]
+        vjps = torch.autograd.grad(
+            fy, inputs, a, allow_unused=True, materialize_grads=True, create_graph=create_graph
+        )
+    return (fy if create_graph else fy.detach()), list(vjps)
+
+
+class AugmentedField:
+    """dz/dt of the augmented state z = (y, a, μ) (backsolve) or (a, μ) with y = y_of(t)."""
+
+    def __init__(self, problem: Problem, layout: Layout, y_of: Callable[[Tensor], Tensor] | None):
+        self.problem = problem
+        self.layout = layout
+        self.y_of = y_of
+
+    def __call__(self, t: Tensor, z: Tensor) -> Tensor:
+        parts = self.layout.unpack(z)
+        if self.y_of is None:
+            y, a = parts[0], parts[1]
+        else:
+            y, a = self.y_of(t), parts[0]
+        create_graph = torch.is_grad_enabled() and z.requires_grad
+        fy, vjps = field_vjp(self.problem, t, y, a, create_graph)
+        head = [fy] if self.y_of is None else []
+        out = self.layout.pack(head + vjps)
+        if create_graph:
+            return torch.cat([out[: fy.numel() * len(head)], -out[fy.numel() * len(head):]])
+        out[fy.numel() * len(head):].neg_()
+        return out
+
+
+@contextmanager
+def backward_phase(problem: Problem) -> Iterator[None]:
+    """Count f evaluations into stats["nfe_backward"] while the backward pass runs, and undo
+    what its f evaluations write into f's buffers (BatchNorm running statistics, ALGORITHMS.md
+    §2 "side effects"): the module is left as the forward pass left it."""
+    stats = problem.stats
+    previous = stats.get("_phase")
+    stats["_phase"] = "backward"
+    buffers = [] if problem.module is None else list(problem.module.buffers())
+    saved = [b.detach().clone() for b in buffers]
+    try:
+        yield
+    finally:
+        if previous is None:
+            stats.pop("_phase", None)
+        else:
+            stats["_phase"] = previous
+        with torch.no_grad():
+            for buffer, value in zip(buffers, saved):
+                buffer.copy_(value)
+
+
+def sweep(
+    problem: Problem,
+    ys: Tensor,
+    grad_ys: Tensor,
+    settings: AdjointSettings,
+    interpolant: Callable[[int], Callable[[Tensor], Tensor]] | None = None,
+    first_step: float | None = None,
+) -> tuple[Tensor, list[Tensor]]:
+    """Integrate the adjoint from t[-1] back to t[0], interval by interval.
+
+    `interpolant(i)` gives y(t) on [t_i, t_{i+1}] (interpolated adjoint); None re-solves y
+    (backsolve). Returns a(t_0⁺) — before ∂L/∂y(t_0) is added — and μ = ∂L/∂θ.
+    An adaptive backward solve starts with `settings.step_size` if set, else `first_step` (the
+    forward's last step, whose time scale the adjoint shares), else the automatic choice; each
+    later interval starts with the last step of the one before.
+    """
+    stats = problem.stats
+    t = problem.t.detach()
+    layout = Layout(problem.y0.shape, 2 if interpolant is None else 1, problem.params)
+    norm = layout.norm(problem.norm, settings.seminorm)
+    rtol, atol = layout.tolerance(settings.rtol), layout.tolerance(settings.atol)
+    a = grad_ys[-1] if len(t) > 1 else torch.zeros_like(grad_ys[0])
+    mu = [torch.zeros_like(p) for p in problem.params]
+    step_size = settings.step_size
+    if settings.adaptive and step_size is None:
+        step_size = first_step
+    for i in range(len(t) - 1, 0, -1):
+        head = [ys[i]] if interpolant is None else []
+        field = AugmentedField(problem, layout, None if interpolant is None else interpolant(i - 1))
+        interval = torch.stack([t[i], t[i - 1]])
+        local: dict = {}
+        try:
+            outputs, trajectory = integrate(
+                field, layout.pack(head + [a] + mu), interval, settings.solver, rtol=rtol,
+                atol=atol, step_size=step_size, adaptive=settings.adaptive,
+                max_steps=settings.max_steps, norm=norm, stats=local,
+            )
+        except OdegradError as error:
+            raise type(error)(
+                f"in the backward (adjoint) solve from t={float(t[i]):.10g} to "
+                f"t={float(t[i - 1]):.10g}: {error}"
+            ) from error
+        for key in ("n_steps", "n_accepted", "n_rejected"):
+            stats[f"{key}_backward"] = stats.get(f"{key}_backward", 0) + local[key]
+        parts = layout.unpack(outputs[-1])
+        a, mu = parts[layout.n_state - 1], parts[layout.n_state:]
+        if i > 1:
+            a = a + grad_ys[i - 1]
+        if settings.adaptive:
+            step_size = last_step(trajectory.steps) or step_size
+    return a, list(mu)
+
+
+def last_step(steps: Sequence) -> float | None:
+    """|h| of the last accepted step that was not clipped to land on an output time."""
+    if not steps:
+        return None
+    return abs(steps[-2].h if len(steps) > 1 else steps[-1].h)
+
+
+def time_gradient(problem: Problem, ys: Tensor, grad_ys: Tensor, a0: Tensor) -> Tensor:
+    """∂L/∂t_i = g_i^T f(t_i, y_i) for i ≥ 1 and ∂L/∂t_0 = −a(t_0⁺)^T f(t_0, y_0) (§3)."""
+    t = problem.t.detach()
+    dots = [-(a0 * problem.f(t[0], ys[0])).sum()]
+    dots += [(grad_ys[i] * problem.f(t[i], ys[i])).sum() for i in range(1, len(t))]
+    return torch.stack(dots)
+
+
+def state_bytes(*tensors: Tensor) -> int:
+    """Bytes held by the given tensors."""
+    return sum(x.numel() * x.element_size() for x in tensors)
