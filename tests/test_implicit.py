@@ -168,7 +168,7 @@ def test_robertson_kvaerno5_matches_radau():
     relative = np.abs(sol.ys.numpy()[1:] - reference[1:]) / np.abs(reference[1:])
     assert relative.max() < 1e-4, relative
     # dopri5 needs ~3e8 steps here (stability limits h to ~3e-4 once y3 ~ 1; see
-    # benchmarks/RESULTS_stiff.md); kvaerno5 needs ~100.
+    # benchmarks/RESULTS.md §5); kvaerno5 needs ~100.
     assert sol.stats["n_accepted"] < 300, sol.stats
 
 

@@ -9,7 +9,7 @@ O(n·d) for the interpolant; the state is d + p instead of 2d + p, and there is 
 backward re-solve of y.
 
 Default n_nodes = 16 per output interval, chosen from the accuracy-vs-cost measurement in
-benchmarks/RESULTS_adjoints.md (MLP field, float64: 16 nodes kept the gradient error within 1.5x of
+benchmarks/RESULTS.md §3 (MLP field, float64: 16 nodes kept the gradient error within 1.5x of
 the solver's floor for horizons 1, 3 and 10 at rtol = atol = 1e-5 and 1e-8; 8 sufficed only for
 the shortest; the backward time hardly depends on n there). stats["interpolation_error"] estimates
 the interpolant's error from its Chebyshev tail, in units of the tolerance; above 100 a
@@ -48,7 +48,7 @@ __all__ = ["solve", "OPTIONS", "DEFAULT_N_NODES"]
 
 OPTIONS = ("n_nodes", *_ADJOINT_OPTIONS)
 DEFAULT_N_NODES = 16
-# stats["interpolation_error"] above this warns. Measured (RESULTS_adjoints.md §3, and on the
+# stats["interpolation_error"] above this warns. Measured (benchmarks/RESULTS.md §3.3, and on the
 # test MLP over longer horizons): estimates above ~150 mostly came with gradient errors 6-20x
 # the solver's floor, estimates below ~50 mostly with errors at the floor (one exception: 27).
 WARN_INTERPOLATION_ERROR = 100.0
