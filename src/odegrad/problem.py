@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -118,3 +120,21 @@ class TupleField:
                     f"expected shape {tuple(shape)}"
                 )
         return torch.cat([o.reshape(-1) for o in out])
+
+
+@contextmanager
+def restored_buffers(module: torch.nn.Module | None) -> Iterator[None]:
+    """Put every buffer of `module` back as it was on entry.
+
+    Gradient methods that re-evaluate f in their backward pass wrap it in this, so BatchNorm
+    running statistics and other buffers count the forward evaluations once, as with direct
+    (ALGORITHMS.md §2, "side effects").
+    """
+    buffers = [] if module is None else [b for b in module.buffers() if b is not None]
+    saved = [b.detach().clone() for b in buffers]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in zip(buffers, saved):
+                buffer.copy_(value)

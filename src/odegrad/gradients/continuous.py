@@ -28,7 +28,7 @@ from torch import Tensor
 from ..control import Norm, rms_norm
 from ..errors import InvalidInputError, OdegradError
 from ..loop import integrate
-from ..problem import Problem
+from ..problem import Problem, restored_buffers
 from ..solvers import make_solver
 from ..solvers.base import Solver
 
@@ -205,18 +205,14 @@ def backward_phase(problem: Problem) -> Iterator[None]:
     stats = problem.stats
     previous = stats.get("_phase")
     stats["_phase"] = "backward"
-    buffers = [] if problem.module is None else list(problem.module.buffers())
-    saved = [b.detach().clone() for b in buffers]
     try:
-        yield
+        with restored_buffers(problem.module):
+            yield
     finally:
         if previous is None:
             stats.pop("_phase", None)
         else:
             stats["_phase"] = previous
-        with torch.no_grad():
-            for buffer, value in zip(buffers, saved):
-                buffer.copy_(value)
 
 
 def sweep(

@@ -43,7 +43,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -63,7 +63,7 @@ from ..checkpointing import (
 )
 from ..errors import InvalidInputError, UnknownNameError, UnsupportedCombinationError
 from ..loop import Trajectory, fixed_step_count
-from ..problem import Problem
+from ..problem import Problem, restored_buffers
 from ..solvers.base import Solver, Step
 from ..solvers.explicit import ExplicitRungeKutta, combine
 
@@ -332,18 +332,6 @@ class _KeyedSolver:
         return step
 
 
-@contextmanager
-def _restored_buffers(module: torch.nn.Module | None):
-    """Put every buffer of `module` back as it was on entry (BatchNorm statistics, ...)."""
-    buffers = [] if module is None else [b for b in module.buffers() if b is not None]
-    saved = [b.detach().clone() for b in buffers]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for b, v in zip(buffers, saved):
-                b.copy_(v)
-
 
 def _forked_rng(device: torch.device, enabled: bool):
     if not enabled:
@@ -494,7 +482,7 @@ class _Run:
         phase = stats.get("_phase")
         stats["_phase"] = "backward"
         try:
-            with _restored_buffers(problem.module), torch.no_grad(), \
+            with restored_buffers(problem.module), torch.no_grad(), \
                     _forked_rng(problem.y0.device, self.streams is not None):
                 result = _Backward(self, grad_ys, bool(needs_input_grad[2])).run()
         finally:

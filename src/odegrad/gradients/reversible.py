@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import warnings
 from collections import defaultdict
-from contextlib import contextmanager
 from dataclasses import replace
 
 import torch
@@ -36,7 +35,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from ..errors import InvalidInputError, ReversibleDriftWarning, UnsupportedCombinationError
-from ..problem import Problem
+from ..problem import Problem, restored_buffers
 from ..solvers import SOLVERS
 from ..solvers.explicit import ExplicitRungeKutta
 from ..solvers.reversible import LocalAdjoint, ReversibleRungeKutta, ReversibleSolver
@@ -113,7 +112,7 @@ class _ReversibleSolve(torch.autograd.Function):
         phase = stats.get("_phase")
         stats["_phase"] = "backward"
         try:
-            with torch.enable_grad(), _restored_buffers(problem.module):
+            with torch.enable_grad(), restored_buffers(problem.module):
                 y0_bar, t_bar, param_bars = _backward(ctx, t, y0, params, grad_outputs)
         finally:
             if phase is None:
@@ -191,15 +190,3 @@ def _check_drift(problem: Problem, state: Tensor, true_state: Tensor, drift_tol)
         )
 
 
-
-@contextmanager
-def _restored_buffers(module: torch.nn.Module | None):
-    """Undo what the backward pass's f-evaluations write into buffers (BatchNorm statistics)."""
-    buffers = [] if module is None else [b for b in module.buffers() if b is not None]
-    saved = [b.detach().clone() for b in buffers]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for b, value in zip(buffers, saved):
-                b.copy_(value)

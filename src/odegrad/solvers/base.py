@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -103,3 +104,14 @@ def axpy_sum(
     for w, k in terms[1:]:
         out.add_(k, alpha=h * w)
     return out
+
+
+def dense_weights(dense, theta: Scalar) -> list:
+    """b_i(θ) = Σ_k P[i, k] θ^(k+1) for the dense-output matrix P of a tableau.
+
+    Floats for a float θ; 0-dim tensors for a tensor θ (when output times are differentiated).
+    """
+    if isinstance(theta, Tensor):
+        powers = [theta ** (k + 1) for k in range(dense.shape[1])]
+        return [sum(float(p) * q for p, q in zip(row, powers)) for row in dense]
+    return [float(v) for v in dense @ (theta ** np.arange(1, dense.shape[1] + 1))]

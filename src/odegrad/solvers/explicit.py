@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from ..tableaus import ButcherTableau
-from .base import Scalar, Solver, Step, VectorField, axpy_sum
+from .base import Scalar, Solver, Step, VectorField, axpy_sum, dense_weights
 
 Terms = list[tuple[int, float]]
 
@@ -83,7 +83,4 @@ class ExplicitRungeKutta(Solver):
 
     def dense_weights(self, theta: Scalar) -> list:
         """b_i(θ) = Σ_k P[i, k] θ^(k+1); floats, or 0-dim tensors when θ is a tensor."""
-        if isinstance(theta, Tensor):
-            powers = [theta ** (k + 1) for k in range(self.tableau.dense.shape[1])]
-            return [sum(float(p) * q for p, q in zip(row, powers)) for row in self.tableau.dense]
-        return [float(v) for v in self.tableau.dense_weights(theta)]
+        return dense_weights(self.tableau.dense, theta)

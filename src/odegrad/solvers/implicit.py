@@ -54,7 +54,7 @@ from ..errors import InvalidInputError, NewtonConvergenceError
 from ..linalg import ShiftedLU, gmres, jacobian, linearize, newton
 from ..tableaus import DIRK_PREDICTORS, DIRK_TABLEAUS, ButcherTableau
 from . import register_solver
-from .base import Scalar, Solver, Step, StepRejected, VectorField, axpy_sum
+from .base import Scalar, Solver, Step, StepRejected, VectorField, axpy_sum, dense_weights
 
 __all__ = ["DiagonallyImplicitRungeKutta", "CrankNicolson", "ImplicitCarry"]
 
@@ -161,10 +161,7 @@ class DiagonallyImplicitRungeKutta(Solver):
 
     def dense_weights(self, theta: Scalar) -> list:
         """b_i(θ) of the cubic Hermite interpolant (floats, or 0-dim tensors for a tensor θ)."""
-        if isinstance(theta, Tensor):
-            powers = [theta ** (k + 1) for k in range(self.tableau.dense.shape[1])]
-            return [sum(float(p) * q for p, q in zip(row, powers)) for row in self.tableau.dense]
-        return [float(v) for v in self.tableau.dense_weights(theta)]
+        return dense_weights(self.tableau.dense, theta)
 
     def uses_dense(self, y: Tensor) -> bool:
         """Whether stage equations are solved with dense LU (else GMRES)."""
