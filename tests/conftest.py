@@ -7,6 +7,16 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The suite's problems are tiny: intra-op threads only add barrier waits, and on a loaded
+    2-core machine they spin (BatchNorm in float64 ran ~100x slower with 2 threads)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 class MLPField(torch.nn.Module):
     """A tanh MLP vector field that also depends on t (used across gradient tests)."""
 

@@ -23,14 +23,6 @@ ADAPTIVE = {"heun": 1e-3, "bosh3": 1e-4, "dopri5": 1e-6, "tsit5": 1e-6, "dopri8"
 T_OUT = [0.0, 0.23, 0.6, 0.95, 1.3]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny float64 problems: intra-op threads only add barrier waits (BatchNorm: ~100x slower
-    # with 2 threads on a loaded 2-core machine).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def gradients(field, y0, t, **kwargs):

@@ -25,13 +25,6 @@ from odegrad.models import (
 GRADIENTS = available_gradients()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is faster, and far faster on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 # Tolerances for comparing a gradient method with "direct" at rtol = atol = 1e-10: exact methods
 # agree to round-off; the continuous adjoints and the reversible scheme (a different scheme over
