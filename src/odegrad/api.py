@@ -12,7 +12,7 @@ from torch import Tensor
 from .errors import InvalidInputError, NonFiniteError, UnknownNameError
 from .gradients import load_gradient
 from .loop import DEFAULT_MAX_STEPS
-from .problem import CountedField, Problem, TupleField
+from .problem import CountedField, Problem, TupleField, validate_tolerance
 from .solvers import SOLVERS, make_solver
 
 __all__ = ["odeint", "solve", "Solution", "METHOD_ALIASES"]
@@ -223,6 +223,7 @@ def _validate_t(t, y0: Tensor) -> Tensor:
 
 
 def _tolerance(value, y0: Tensor, shapes, is_tuple: bool, name: str):
+    """A tolerance as the loop takes it; a tuple state may give one value per tensor."""
     if isinstance(value, (tuple, list)) and is_tuple:
         if len(value) != len(shapes):
             raise InvalidInputError(f"{name} has {len(value)} entries for {len(shapes)} states")
@@ -231,28 +232,7 @@ def _tolerance(value, y0: Tensor, shapes, is_tuple: bool, name: str):
             for v, s in zip(value, shapes)
         ]
         value = torch.cat(parts)
-    if isinstance(value, Tensor):
-        value = value.to(dtype=y0.dtype, device=y0.device)
-        if value.numel() == 1:
-            value = float(value)
-        else:
-            try:
-                torch.broadcast_shapes(value.shape, y0.shape)
-            except RuntimeError:
-                raise InvalidInputError(
-                    f"{name} of shape {tuple(value.shape)} does not broadcast to y0's shape "
-                    f"{tuple(y0.shape)}"
-                ) from None
-            if bool((value < 0).any()):
-                raise InvalidInputError(f"{name} must be non-negative")
-            return value
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise InvalidInputError(f"{name} must be a number or a tensor, got {value!r}") from None
-    if value < 0:
-        raise InvalidInputError(f"{name} must be non-negative, got {value}")
-    return value
+    return validate_tolerance(value, name, y0)
 
 
 def _split_options(method: str, gradient_module, options: dict) -> tuple[dict, dict, dict]:

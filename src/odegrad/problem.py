@@ -138,3 +138,31 @@ def restored_buffers(module: torch.nn.Module | None) -> Iterator[None]:
         with torch.no_grad():
             for buffer, value in zip(buffers, saved):
                 buffer.copy_(value)
+
+
+def validate_tolerance(value, name: str, y0: Tensor | None = None) -> Tensor | float:
+    """A non-negative scalar (returned as a float) or per-component tensor (broadcast to y0)."""
+    from .errors import InvalidInputError
+
+    if isinstance(value, Tensor):
+        if y0 is not None:
+            value = value.to(dtype=y0.dtype, device=y0.device)
+        if value.numel() > 1:
+            if y0 is not None:
+                try:
+                    torch.broadcast_shapes(value.shape, y0.shape)
+                except RuntimeError:
+                    raise InvalidInputError(
+                        f"{name} of shape {tuple(value.shape)} does not broadcast to y0's shape "
+                        f"{tuple(y0.shape)}"
+                    ) from None
+            if bool((value < 0).any()):
+                raise InvalidInputError(f"{name} must be non-negative")
+            return value
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise InvalidInputError(f"{name} must be a number or a tensor, got {value!r}") from None
+    if not value >= 0.0:
+        raise InvalidInputError(f"{name} must be non-negative, got {value}")
+    return value

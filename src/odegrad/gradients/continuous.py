@@ -28,7 +28,7 @@ from torch import Tensor
 from ..control import Norm, rms_norm
 from ..errors import InvalidInputError, OdegradError
 from ..loop import integrate
-from ..problem import Problem, restored_buffers
+from ..problem import Problem, restored_buffers, validate_tolerance
 from ..solvers import make_solver
 from ..solvers.base import Solver
 
@@ -81,25 +81,15 @@ def adjoint_settings(
             )
     return AdjointSettings(
         solver=solver,
-        rtol=_tolerance(problem.rtol if adjoint_rtol is None else adjoint_rtol, "adjoint_rtol"),
-        atol=_tolerance(problem.atol if adjoint_atol is None else adjoint_atol, "adjoint_atol"),
+        rtol=validate_tolerance(
+            problem.rtol if adjoint_rtol is None else adjoint_rtol, "adjoint_rtol"
+        ),
+        atol=validate_tolerance(
+            problem.atol if adjoint_atol is None else adjoint_atol, "adjoint_atol"
+        ),
         step_size=step_size, adaptive=adaptive, seminorm=adjoint_norm == "seminorm",
         max_steps=problem.max_steps,
     )
-
-
-def _tolerance(value, name: str) -> Tensor | float:
-    if isinstance(value, Tensor) and value.numel() > 1:
-        if bool((value < 0).any()):
-            raise InvalidInputError(f"{name} must be non-negative")
-        return value
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise InvalidInputError(f"{name} must be a number or a tensor, got {value!r}") from None
-    if not value >= 0.0:
-        raise InvalidInputError(f"{name} must be non-negative, got {value}")
-    return value
 
 
 class Layout:
