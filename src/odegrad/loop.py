@@ -10,6 +10,7 @@ clipped last step and the interpolation points, and nowhere through the controll
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -143,7 +144,7 @@ def integrate(
     y, t_n, offset, anchor, next_output = state, times[0], 0.0, 0, 1
     nonfinite_retries = 0
     failed_steps = 0
-    recent_steps: list[float] = []
+    recent_steps: deque[float] = deque(maxlen=20)  # for the stiffness hint
     while next_output < len(t):
         if stats["n_steps"] >= max_steps:
             raise MaxStepsExceededError(_max_steps_message(max_steps, t_n, times, recent_steps))
@@ -226,7 +227,7 @@ def integrate(
             solver, t, times, direction, record, t_tensor, h_used, y, step, t_next,
             next_output, outputs, trajectory, time_grad,
         )
-        recent_steps = (recent_steps + [abs(h)])[-20:]
+        recent_steps.append(abs(h))
         y, carry = step.y, step.carry
         if end_anchor is not None:
             anchor, offset, t_n = end_anchor, 0.0, times[end_anchor]
@@ -289,7 +290,9 @@ def _fixed_plan(times: list[float], step_size: float | None, direction: float) -
     return plan
 
 
-def _max_steps_message(max_steps: int, t_n: float, times: list[float], recent: list[float]) -> str:
+def _max_steps_message(
+    max_steps: int, t_n: float, times: list[float], recent: deque[float]
+) -> str:
     message = (
         f"max_steps={max_steps} exceeded at t={t_n:.10g} while integrating from {times[0]:.10g} "
         f"to {times[-1]:.10g}; raise max_steps or loosen rtol/atol"
