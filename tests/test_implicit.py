@@ -477,3 +477,50 @@ def test_discrete_gradient_through_the_api(name, linear_solver, adaptive, checkp
         grads.append(torch.autograd.grad((sol.ys * weights).sum(), (y0, *f.parameters())))
     assert relative_error(grads[1], grads[0]) < 1e-10
     assert sol.stats["nfe_backward"] > 0
+
+
+class VanDerPol(torch.nn.Module):
+    """y'' = μ((1 − y²) y' − y) as a first-order system, μ a parameter."""
+
+    def __init__(self, mu: float):
+        super().__init__()
+        self.mu = torch.nn.Parameter(torch.tensor(mu, dtype=DT))
+
+    def forward(self, t, y):
+        return torch.stack([y[1], self.mu * ((1 - y[0] ** 2) * y[1] - y[0])])
+
+
+@pytest.mark.parametrize("checkpoints", [2, "solution"])
+def test_discrete_gradient_replays_rejected_attempts(checkpoints):
+    """Rejected steps (Newton failures and error-test failures) hand their refreshed Jacobian
+    to the retry; the discrete adjoint recomputes a step by replaying the rejected attempts
+    recorded on it (StepRecord.rejected), so its gradient still equals the direct one."""
+    f = VanDerPol(50.0)
+    y0 = torch.tensor([2.0, 0.0], dtype=DT, requires_grad=True)
+    t = torch.tensor([0.0, 0.5, 1.0], dtype=DT)
+    weights = torch.randn(3, 2, dtype=DT, generator=torch.Generator().manual_seed(3))
+    options = dict(method="kvaerno5", rtol=1e-6, atol=1e-8, step_size=0.2, newton_max_iters=2)
+    grads, stats = [], []
+    for gradient in ["direct", "discrete"]:
+        extra = {"checkpoints": checkpoints} if gradient == "discrete" else {}
+        sol = odegrad.solve(f, y0, t, gradient=gradient, **options, **extra)
+        grads.append(torch.autograd.grad((sol.ys * weights).sum(), (y0, *f.parameters())))
+        stats.append(sol.stats)
+    assert stats[0]["n_rejected"] >= 5 and stats[0]["n_accepted"] == stats[1]["n_accepted"]
+    assert relative_error(grads[1], grads[0]) < 1e-12
+
+
+def test_step_records_list_the_rejected_step_sizes():
+    problem = Problem(
+        f=VanDerPol(50.0), y0=torch.tensor([2.0, 0.0], dtype=DT),
+        t=torch.tensor([0.0, 1.0], dtype=DT), solver=make_solver("kvaerno5"), rtol=1e-6,
+        atol=1e-8, step_size=0.2, adaptive=True,
+    )
+    with torch.no_grad():
+        _, trajectory = problem.integrate()
+    rejected = [h for record in trajectory.steps for h in record.rejected]
+    assert len(rejected) == problem.stats["n_rejected"] > 0
+    assert trajectory.steps[0].rejected[0] == 0.2  # the first try, at the requested size
+    for record in trajectory.steps:  # every retry from t_n is smaller than the last try
+        sizes = [*record.rejected, record.h]
+        assert all(abs(b) < abs(a) for a, b in zip(sizes, sizes[1:]))

@@ -36,6 +36,10 @@ class StepRecord:
     start_anchor: int  # t_n = t[start_anchor] + start_offset
     start_offset: float
     end_anchor: int | None = None  # if set, h_n = t[end_anchor] − t_n
+    # The step sizes tried from t_n and rejected before h_n, in order. A rejected attempt may
+    # hand the next one a different carry (an implicit solver's refreshed Jacobian), so a
+    # replay that must reproduce step n exactly repeats them (see `replay_rejected`).
+    rejected: tuple[float, ...] = ()
 
 
 @dataclass
@@ -144,6 +148,7 @@ def integrate(
     y, t_n, offset, anchor, next_output = state, times[0], 0.0, 0, 1
     nonfinite_retries = 0
     failed_steps = 0
+    rejected: list[float] = []  # step sizes rejected from the current t_n
     recent_steps: deque[float] = deque(maxlen=20)  # for the stiffness hint
     while next_output < len(t):
         if stats["n_steps"] >= max_steps:
@@ -167,7 +172,9 @@ def integrate(
                     f"step size underflow at t={t_n:.10g}: h={h:.3e} is below the resolution "
                     f"of t; the problem may be stiff or singular there"
                 )
-        record = StepRecord(stats["n_accepted"], t_n, h, step_anchor, step_offset, end_anchor)
+        record = StepRecord(
+            stats["n_accepted"], t_n, h, step_anchor, step_offset, end_anchor, tuple(rejected)
+        )
         anchor_time = t[step_anchor] if time_grad else t[step_anchor].detach()
         t_tensor = anchor_time + step_offset
         h_used = trajectory.step_size(t, record, t_tensor) if time_grad else h
@@ -179,6 +186,7 @@ def integrate(
             if plan is not None or failed_steps > _MAX_FAILED_STEPS:
                 raise rejection.error from None
             stats["n_rejected"] += 1
+            rejected.append(h)
             carry = rejection.retry_carry if rejection.retry_carry is not None else carry
             h = h * rejection.factor
             continue
@@ -201,6 +209,7 @@ def integrate(
                         f"f returned a non-finite value at t={t_n:.10g} (step size {h:.3e})"
                     )
                 stats["n_rejected"] += 1
+                rejected.append(h)
                 carry = step.retry_carry if step.retry_carry is not None else carry
                 h = h * controller.min_factor
                 continue
@@ -209,6 +218,7 @@ def integrate(
             h_next = controller.propose(h, ratio, accepted)
             if not accepted:
                 stats["n_rejected"] += 1
+                rejected.append(h)
                 carry = step.retry_carry if step.retry_carry is not None else carry
                 h = h_next
                 continue
@@ -219,6 +229,7 @@ def integrate(
             )
 
         stats["n_accepted"] += 1
+        rejected.clear()
         trajectory.steps.append(record)
         if on_step is not None:
             on_step(record, y, step)
@@ -307,3 +318,20 @@ def _max_steps_message(
             "'kvaerno3', 'implicit_euler' or 'crank_nicolson'"
         )
     return message
+
+
+def replay_rejected(
+    solver: Solver, f: VectorField, t_n: Tensor, record: StepRecord, y: Tensor, carry
+):
+    """The carry that the accepted attempt of step `record` started from: `carry` (the one
+    step n − 1 handed on) passed again through the attempts the loop rejected at t_n, with
+    the loop's retry rule. Without rejections this is `carry` itself, at no cost."""
+    for h in record.rejected:
+        try:
+            attempt = solver.step(f, t_n, h, y, carry)
+        except StepRejected as rejection:
+            retry = rejection.retry_carry
+        else:
+            retry = attempt.retry_carry
+        carry = retry if retry is not None else carry
+    return carry

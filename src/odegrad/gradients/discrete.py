@@ -62,7 +62,7 @@ from ..checkpointing import (
     reverse_segments,
 )
 from ..errors import InvalidInputError, UnknownNameError, UnsupportedCombinationError
-from ..loop import Trajectory, fixed_step_count
+from ..loop import Trajectory, fixed_step_count, replay_rejected
 from ..problem import Problem, restored_buffers
 from ..solvers.base import Solver, Step
 from ..solvers.explicit import ExplicitRungeKutta, combine
@@ -567,6 +567,17 @@ class _Backward:
         record = self.steps[n]
         return self.t[record.start_anchor] + record.start_offset
 
+    def retried(self, n: int, state: Tensor, carry: Any) -> Any:
+        """The carry step n's accepted attempt started from: the forward loop's rejected
+        attempts at t_n replayed without a graph (loop.replay_rejected). A solver whose retry
+        carry is the incoming one (explicit, reversible) gets `carry` back unchanged; an
+        implicit solver gets the refreshed Jacobian its retry used, so the replay is exact.
+        Rejected attempts of a stochastic f are replayed with fresh randomness."""
+        if not self.steps[n].rejected:
+            return carry
+        with torch.no_grad():
+            return replay_rejected(self.solver, self.f, self.t_n(n), self.steps[n], state, carry)
+
     def keyed(self, keys) -> Callable:
         streams = self.run_.streams
         return self.f if streams is None else streams.replaying(self.f, keys)
@@ -601,6 +612,7 @@ class _Backward:
                 f = self.keyed(keys)
                 if carry is _INIT:
                     carry = self.solver.init(f, self.t[0], state)
+                carry = self.retried(m, state, carry)
                 step = self.solver.step(f, self.t_n(m), record.h, state, carry)
                 carry = step.carry
             state = step.y
@@ -742,6 +754,7 @@ class _Backward:
                 carry_in = solver.init(f, t_in, state_in)
             else:
                 carry_in = _leaves(carry, carry_leaves)
+            carry_in = self.retried(n, state_in, carry_in)
             step = solver.step(f, t_in, h_in, state_in, carry_in)
             outs, cots = [], []
             if self.lam is not None:
@@ -796,6 +809,7 @@ class _Backward:
             assert m == n, (m, n)
             if carry is _INIT:
                 carry = solver.init(self.f, self.t[0], state)
+            carry = self.retried(n, state, carry)
             step = solver.step(self.f, t_n, record.h, state, carry)
             self.recomputed += 1
         lam = self.lam if self.lam is not None else torch.zeros_like(step.y)

@@ -174,10 +174,10 @@ class DiagonallyImplicitRungeKutta(Solver):
     def step(self, f: VectorField, t: Tensor, h: Scalar, y: Tensor, carry: ImplicitCarry) -> Step:
         dense = self.uses_dense(y)
         hf = _to_float(h)
-        # Retries start from the caller's carry, untouched: the accepted attempt is then a
-        # function of (y_n, the previous step's carry, h) alone, so a replay from recorded
-        # carries (gradient="discrete" recomputing steps) reproduces it bit for bit.
-        original, carry = carry, replace(carry)
+        # The caller's carry stays untouched; a retry reuses this attempt's (its refreshed J
+        # and LU, η reset). The loop hands the carry the accepted attempt started from to
+        # on_step, so gradient="discrete" replays that attempt bit for bit.
+        carry = replace(carry)
         if carry.jac is None or carry.refresh:
             self._evaluate_jacobian(f, t, y, carry, dense)
         outcome = self._stages(f, t, h, hf, y, carry, dense)
@@ -185,7 +185,8 @@ class DiagonallyImplicitRungeKutta(Solver):
             self._evaluate_jacobian(f, t, y, carry, dense)  # J was stale: retry once
             outcome = self._stages(f, t, h, hf, y, carry, dense)
         if isinstance(outcome, NewtonConvergenceError):
-            raise StepRejected(outcome, retry_carry=original)
+            carry.eta = 1.0
+            raise StepRejected(outcome, retry_carry=carry)
         ks, y_next, slowest = outcome
         with torch.no_grad():
             error = self.error_estimate(h, [k.detach() for k in ks], carry)
@@ -194,7 +195,7 @@ class DiagonallyImplicitRungeKutta(Solver):
             refresh=slowest > self.jacobian_refresh_rate, eta=carry.eta,
             previous=(ks[0].detach(), hf),
         )
-        return Step(y=y_next, error=error, dense=ks, carry=next_carry, retry_carry=original)
+        return Step(y=y_next, error=error, dense=ks, carry=next_carry, retry_carry=carry)
 
     def error_estimate(self, h: Scalar, ks: list[Tensor], carry: ImplicitCarry) -> Tensor | None:
         """The embedded estimate h Σ e_i K_i (ALGORITHMS.md §1)."""
