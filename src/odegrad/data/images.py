@@ -38,8 +38,9 @@ class Images:
 
 def _standardise(x_train: np.ndarray, x_test: np.ndarray, scale: float) -> tuple[Tensor, Tensor]:
     """Scale pixels to [0, 1], then centre and normalise with the training set's statistics."""
-    x_train = torch.as_tensor(x_train, dtype=torch.float32) / scale
-    x_test = torch.as_tensor(x_test, dtype=torch.float32) / scale
+    # np.array copies: a memory-mapped or read-only array must not back the tensors
+    x_train = torch.from_numpy(np.array(x_train, dtype=np.float32)) / scale
+    x_test = torch.from_numpy(np.array(x_test, dtype=np.float32)) / scale
     mean, std = x_train.mean(), x_train.std()
     return (x_train - mean) / std, (x_test - mean) / std
 
