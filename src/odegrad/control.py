@@ -37,6 +37,7 @@ class PIController:
     II.4). Measured against the former 0.7/0.4 on MLP, damped-MLP, Lotka–Volterra, van der
     Pol and Arenstorf problems (dopri5, tol 1e-4 and 1e-7): 0–20% fewer f evaluations, the
     same as torchdiffeq's I-controller within ±10%, with errors at or below torchdiffeq's.
+    Each solver names its pair (Solver.controller_coefficients; implicit ones keep 0.7/0.4).
     """
 
     error_order: int

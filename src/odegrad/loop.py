@@ -129,7 +129,10 @@ def integrate(
     state = solver.initial_state(y0)
     carry = solver.init(f, t[0], state)
     if adaptive:
-        controller = PIController(error_order=solver.error_order or solver.order)
+        beta1, beta2 = solver.controller_coefficients
+        controller = PIController(
+            error_order=solver.error_order or solver.order, beta1=beta1, beta2=beta2
+        )
         if step_size is None:
             f0 = solver.reuse_first_stage(carry)
             if f0 is None:

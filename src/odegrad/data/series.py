@@ -149,7 +149,7 @@ def load_statsmodels_series(
             f"window={window} does not fit the {name} record of {len(raw)} {unit}s split at "
             f"{split}"
         )
-    values = torch.as_tensor(raw, dtype=torch.float32)
+    values = torch.from_numpy(np.array(raw, dtype=np.float32))  # a copy: raw may be read-only
 
     def windows(start: int, stop: int) -> Tensor:
         starts = range(start, stop - window + 1, stride)

@@ -45,6 +45,9 @@ class Solver(ABC):
     order: int
     error_order: int | None = None  # None: no embedded estimate, fixed steps only
     implicit: bool = False
+    # (β₁, β₂) of the PI step-size controller (control.PIController): Hairer's DOPRI5 values
+    # by default; implicit solvers use the smoother 0.7/0.4 that stiff problems need.
+    controller_coefficients: tuple[float, float] = (0.85, 0.2)
 
     @property
     def adaptive(self) -> bool:

@@ -93,6 +93,9 @@ class DiagonallyImplicitRungeKutta(Solver):
     """An ESDIRK step (explicit first stage, a_ii = γ after it) solved by Newton's method."""
 
     implicit = True
+    # PI 0.7/0.4 (Gustafsson): on van der Pol (μ = 1000, kvaerno5, rtol 1e-6) Hairer's
+    # 0.85/0.2 missed Radau's solution by 3e-4 at the outputs (572 steps), these by 4e-5 (690).
+    controller_coefficients = (0.7, 0.4)
 
     def __init__(
         self,
