@@ -1,4 +1,4 @@
-"""The models: ODEBlock, ODE-Net classifier, FFJORD CNF and latent ODE.
+"""The models: ODEBlock, ODE-Net classifier, FFJORD CNF and latent ODE (GRU or ODE-RNN encoder).
 
 References: matrix exponentials (linear fields have closed-form flows and log-densities),
 finite differences (gradcheck), the "direct" gradient in float64 for every other gradient
@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from odegrad.errors import UnknownNameError
 from odegrad.gradients import available_gradients
 from odegrad.models import (
     CNF,
@@ -19,6 +20,7 @@ from odegrad.models import (
     LatentODE,
     ODEBlock,
     ODENetClassifier,
+    ODERNNEncoder,
     standard_normal_log_prob,
 )
 
@@ -266,3 +268,95 @@ def test_latent_predictions_cover_the_grid():
     values = torch.randn(2, 11, 2)
     mask = torch.ones(2, 11)
     assert model.predict(t, values, mask).shape == (2, 11, 2)
+
+
+def test_ode_rnn_encoder_with_a_still_field_is_a_masked_gru():
+    """g ≡ 0 (its last layer zeroed): the hidden state is held through the gaps, so the ODE-RNN
+    encoder is a GRU over [x, 1] at the observed times only, read backwards in time (checked
+    against a loop of GRUCell calls, one series at a time)."""
+    torch.manual_seed(11)
+    model = LatentODE(2, latent_dim=3, hidden=8, encoder_hidden=5, encoder="ode_rnn",
+                      method="rk4", step_size=0.25)
+    encoder = model.encoder
+    assert isinstance(encoder, ODERNNEncoder)
+    assert (encoder.flow.method, encoder.flow.step_size) == ("rk4", 0.25)
+    with torch.no_grad():
+        encoder.flow.func.net[-1].weight.zero_()
+        encoder.flow.func.net[-1].bias.zero_()
+    t = torch.tensor([0.0, 0.3, 0.4, 1.1, 1.5, 2.6, 3.0])  # irregular gaps
+    values = torch.randn(4, 7, 2)
+    mask = (torch.rand(4, 7) < 0.5).float()
+    mean, log_var = encoder(t, values, mask)
+    assert mean.shape == log_var.shape == (4, 3)
+    assert len(encoder.gap_stats) == 6 and encoder.stats["nfe_forward"] > 0
+
+    reference = []
+    for i in range(4):
+        h = torch.zeros(1, 5)
+        for j in range(6, -1, -1):
+            if mask[i, j] > 0:
+                h = encoder.cell(torch.cat([values[i, j], torch.ones(1)])[None], h)
+        reference.append(encoder.out(h)[0])
+    expected_mean, expected_log_var = torch.stack(reference).chunk(2, -1)
+    assert torch.allclose(mean, expected_mean, atol=1e-6)
+    assert torch.allclose(log_var, expected_log_var, atol=1e-6)
+
+
+def test_ode_rnn_hidden_state_follows_the_ode_between_observations():
+    """g(h) = A h: between observations h is carried by exp((t_j − t_{j+1}) A), backwards in
+    time, and a GRU jump happens at each observation (series 0: observed at t_5 and t_2;
+    series 1: at t_5 only, so it flows from t_5 all the way back to t_0)."""
+    torch.manual_seed(12)
+    encoder = ODERNNEncoder(1, hidden=3, latent_dim=2, **TIGHT).double()
+    a = 0.5 * torch.randn(3, 3, dtype=torch.float64)
+    encoder.flow.func = Linear(a)
+    t = torch.tensor([0.0, 0.2, 0.7, 0.9, 1.6, 2.0], dtype=torch.float64)
+    values = torch.randn(2, 6, 1, dtype=torch.float64)
+    mask = torch.zeros(2, 6, dtype=torch.float64)
+    mask[0, [2, 5]] = 1.0
+    mask[1, 5] = 1.0
+    mean, log_var = encoder(t, values, mask)
+
+    def flow(h, start, end):
+        return h @ torch.linalg.matrix_exp((end - start) * a).T
+
+    def jump(h, x):
+        return encoder.cell(torch.cat([x, torch.ones(1, dtype=torch.float64)])[None], h)
+
+    with torch.no_grad():
+        zero = torch.zeros(1, 3, dtype=torch.float64)
+        h0 = flow(jump(flow(jump(zero, values[0, 5]), t[5], t[2]), values[0, 2]), t[2], t[0])
+        h1 = flow(jump(zero, values[1, 5]), t[5], t[0])
+        expected = encoder.out(torch.cat([h0, h1]))
+    assert torch.allclose(torch.cat([mean, log_var], -1), expected, rtol=1e-8, atol=1e-9)
+
+
+@pytest.mark.parametrize("method", ["rk4", "dopri5"])
+def test_ode_rnn_gradients_reach_the_field_and_agree(method):
+    """The ODE field's parameters get gradients, and the discrete adjoint of the per-gap solves
+    equals backpropagation through them (float64)."""
+    torch.manual_seed(13)
+    solver = dict(method=method, step_size=0.2) if method == "rk4" else TIGHT
+    encoder = ODERNNEncoder(2, hidden=4, latent_dim=2, **solver).double()
+    t = torch.tensor([0.0, 0.3, 0.5, 1.2, 1.4], dtype=torch.float64)
+    values = torch.randn(3, 5, 2, dtype=torch.float64)
+    mask = (torch.rand(3, 5) < 0.6).double()
+    weights = torch.randn(3, 4, dtype=torch.float64)
+
+    def loss(gradient):
+        encoder.flow.gradient = gradient
+        return (torch.cat(encoder(t, values, mask), -1) * weights).sum()
+
+    reference = _grads(encoder, lambda: loss("direct"))
+    got = _grads(encoder, lambda: loss("discrete"))
+    assert encoder.stats["nfe_backward"] > 0  # the adjoint of every gap ran
+    field_grads = [p.grad for p in encoder.flow.func.parameters()]
+    assert all(float(g.abs().max()) > 0 for g in field_grads)
+    for g, r in zip(got, reference):
+        assert _relative(g, r) < 1e-10
+
+
+def test_latent_ode_rejects_an_unknown_encoder():
+    with pytest.raises(UnknownNameError, match="unknown encoder 'lstm'; valid encoders: gru, "
+                                               "ode_rnn"):
+        LatentODE(2, encoder="lstm")

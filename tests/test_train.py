@@ -72,6 +72,19 @@ def test_latent_writes_reconstructions(tmp_path, dataset):
         torch.load(out / "model.pt"))
 
 
+def test_latent_trains_with_the_ode_rnn_encoder(tmp_path):
+    code, out = _train(tmp_path, "latent", "--encoder", "ode_rnn", "--hidden", "8",
+                       "--latent-dim", "2", "--method", "rk4", "--step-size", "0.5", *QUICK)
+    assert code == 0
+    summary = _summary(out)
+    assert summary["arguments"]["encoder"] == "ode_rnn"
+    assert summary["final"]["reconstruction_mse"] > 0
+    # rk4 (4 evaluations a step): 12 steps of 0.5 over the spirals' [0, 6] for the latent ODE,
+    # and one step for each of the 99 gaps of the encoder's grid
+    assert summary["nfe_forward_per_iteration"] == 4 * (12 + 99)
+    LatentODE(2, 2, 8, 8, encoder="ode_rnn").load_state_dict(torch.load(out / "model.pt"))
+
+
 @pytest.mark.parametrize("argv, message", [
     (["classifier", "--epochs", "0"], "expected a positive integer"),
     (["classifier", "--gradient", "nope"], "invalid choice: 'nope'"),
@@ -81,6 +94,7 @@ def test_latent_writes_reconstructions(tmp_path, dataset):
     (["cnf", "--hidden", "8,x"], "comma-separated positive integers"),
     (["cnf", "--dataset", "mnist"], "invalid choice: 'mnist'"),
     (["latent", "--option", "novalue"], "expected KEY=VALUE"),
+    (["latent", "--encoder", "lstm"], "invalid choice: 'lstm' (choose from 'gru', 'ode_rnn')"),
     ([], "the following arguments are required: MODEL"),
 ])
 def test_bad_arguments_are_rejected_by_the_parser(argv, message, capsys):

@@ -28,7 +28,7 @@ from . import distributed
 from .api import solve
 from .errors import OdegradError
 from .gradients import available_gradients, load_gradient
-from .models import CNF, LatentODE, ODEBlock, ODENetClassifier
+from .models import CNF, ENCODERS, LatentODE, ODEBlock, ODENetClassifier, ODERNNEncoder
 from .solvers import SOLVERS
 
 # ---------------------------------------------------------------- argument types
@@ -347,7 +347,11 @@ class LatentTask(Task):
         parser.add_argument("--latent-dim", type=_positive_int, default=6,
                             help="dimension of the latent state")
         parser.add_argument("--hidden", type=_positive_int, default=48,
-                            help="width of the field, decoder and GRU encoder")
+                            help="width of the field, decoder and encoder")
+        parser.add_argument("--encoder", choices=ENCODERS, default="gru",
+                            help="q(z_0 | x): a GRU with the gaps as input, or an ODE-RNN "
+                                 "(Rubanova et al. 2019) whose hidden state follows an ODE "
+                                 "between observations, solved with the solver settings")
         parser.add_argument("--obs-std", type=_positive_float, default=0.1,
                             help="the likelihood's noise std (standardised units)")
         parser.add_argument("--keep", type=_fraction, default=0.5,
@@ -378,7 +382,7 @@ class LatentTask(Task):
     def build(self) -> nn.Module:
         a = self.args
         return LatentODE(self.split.train.dim, a.latent_dim, a.hidden, a.hidden, a.obs_std,
-                         **self.solver())
+                         encoder=a.encoder, **self.solver())
 
     def loss(self, model, batch):
         values, mask, encoder_mask = batch
@@ -619,8 +623,14 @@ def _run(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- the training loop
 
 
-def _ode_blocks(model: nn.Module) -> list[ODEBlock]:
-    return [m for m in model.modules() if isinstance(m, ODEBlock)]
+def _solvers(model: nn.Module) -> list[nn.Module]:
+    """The modules whose `stats` count the solves of a forward pass: every ODEBlock, except those
+    an ODE-RNN encoder runs once per gap (their `stats` hold the last gap only), which count
+    through the encoder's summed `stats`."""
+    encoders = [m for m in model.modules() if isinstance(m, ODERNNEncoder)]
+    per_gap = {id(encoder.flow) for encoder in encoders}
+    blocks = [m for m in model.modules() if isinstance(m, ODEBlock) and id(m) not in per_gap]
+    return [*blocks, *encoders]
 
 
 def train(task: Task, train_set: TensorDataset) -> dict:
@@ -652,6 +662,7 @@ def train(task: Task, train_set: TensorDataset) -> dict:
               f"method={args.method}, gradient={args.gradient}, {context.world_size} "
               f"process(es) on {context.device}, {total_iters} iterations")
 
+    solvers = _solvers(model)  # whose stats count the NFE
     history: list[dict] = []
     iteration_times: list[float] = []
     nfe_forward = nfe_backward = 0
@@ -682,10 +693,11 @@ def train(task: Task, train_set: TensorDataset) -> dict:
             if context.device.type == "cuda":
                 torch.cuda.synchronize(context.device)
             iteration_times.append(time.perf_counter() - start)
-            for block in _ode_blocks(model):
-                nfe_forward += block.stats.get("nfe_forward", 0)
-                nfe_backward += block.stats.get("nfe_backward", 0)
-                held = block.stats.get("checkpoint_bytes")
+            for module in solvers:
+                stats = module.stats
+                nfe_forward += stats.get("nfe_forward", 0)
+                nfe_backward += stats.get("nfe_backward", 0)
+                held = stats.get("checkpoint_bytes")
                 if held is not None:
                     checkpoint_bytes = max(checkpoint_bytes or 0, int(held))
             for key, value in batch_sums.items():

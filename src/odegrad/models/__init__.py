@@ -2,7 +2,7 @@
 
 from .classifier import ConcatConv2d, ConvField, ODENetClassifier
 from .cnf import CNF, AugmentedDynamics, CNFField, ConcatSquashLinear, standard_normal_log_prob
-from .latent import GRUEncoder, LatentField, LatentODE
+from .latent import ENCODERS, GRUEncoder, HiddenStateField, LatentField, LatentODE, ODERNNEncoder
 from .odeblock import ODEBlock
 
 __all__ = [
@@ -17,5 +17,8 @@ __all__ = [
     "standard_normal_log_prob",
     "LatentODE",
     "GRUEncoder",
+    "ODERNNEncoder",
+    "HiddenStateField",
+    "ENCODERS",
     "LatentField",
 ]

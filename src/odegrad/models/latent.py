@@ -1,8 +1,10 @@
 """Latent ODE for irregularly sampled time series (Chen et al. 2018 §5; Rubanova et al. 2019).
 
-A GRU reads the observations backwards in time (with the gaps between them as an input) and
-gives q(z_0 | x) = N(μ, diag σ²); z(t) solves z' = f(z) from a sample of z_0 and a decoder maps
-z(t) to the mean of a Gaussian likelihood with fixed noise. Training maximises the ELBO
+An encoder reads the observations backwards in time and gives q(z_0 | x) = N(μ, diag σ²): a GRU
+with the gaps between observations as an input (`GRUEncoder`), or an ODE-RNN whose hidden state
+follows an ODE between observations (`ODERNNEncoder`, Rubanova et al. 2019). z(t) solves
+z' = f(z) from a sample of z_0 and a decoder maps z(t) to the mean of a Gaussian likelihood with
+fixed noise. Training maximises the ELBO
 
     E_q[Σ_i log N(x_i; g(z(t_i)), s²)] − KL(q(z_0 | x) ‖ N(0, I)),
 
@@ -16,7 +18,14 @@ import math
 import torch
 from torch import Tensor, nn
 
+from ..errors import UnknownNameError
 from .odeblock import ODEBlock
+
+ENCODERS = ("gru", "ode_rnn")
+
+# The per-gap solve statistics ODERNNEncoder.stats adds up.
+_SUMMED_STATS = ("nfe_forward", "nfe_backward", "n_steps", "n_accepted", "n_rejected",
+                 "checkpoint_bytes")
 
 
 class GRUEncoder(nn.Module):
@@ -43,6 +52,70 @@ class GRUEncoder(nn.Module):
         return mean, log_var
 
 
+class HiddenStateField(nn.Module):
+    """g(t, h) = MLP(h): the ODE-RNN's hidden dynamics between observations (tanh activations)."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(hidden, hidden), nn.Tanh(), nn.Linear(hidden, hidden))
+
+    def forward(self, t: Tensor, h: Tensor) -> Tensor:
+        return self.net(h)
+
+
+class ODERNNEncoder(nn.Module):
+    """The ODE-RNN encoder of Rubanova, Chen & Duvenaud 2019 (§3.1, Algorithm 1), run backwards
+    in time from the last grid time to the first as their latent ODE does (§3.2).
+
+    With h = 0 at t_{T-1} and, for j = T-1, ..., 0,
+
+        h'_j = ODESolve(g, h_{j+1}, (t_{j+1}, t_j))       (h'_{T-1} = 0: no gap before the start)
+        h_j  = m_j · GRUCell([x_j · m_j, m_j], h'_j) + (1 − m_j) · h'_j
+
+    where m_j is the (N, 1) mask at t_j: the hidden state flows by h' = g(h) through each gap and
+    jumps by the GRU only where something was observed. The gap length enters through the ODE,
+    not as a GRU input. (μ, log σ²) = Linear(h_0).
+
+    The grid t (T,) is shared by the batch, so each gap is one solve for all N series. `solver`
+    holds the ODEBlock keywords (method, gradient, step_size, rtol, atol, ...); fixed-step
+    methods with no step_size take one step per gap.
+    """
+
+    def __init__(self, obs_dim: int, hidden: int, latent_dim: int, **solver):
+        super().__init__()
+        self.flow = ODEBlock(HiddenStateField(hidden), **solver)
+        self.cell = nn.GRUCell(obs_dim + 1, hidden)
+        self.out = nn.Linear(hidden, 2 * latent_dim)
+        self.gap_stats: list[dict] = []
+
+    def forward(self, t: Tensor, values: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """(μ, log σ²) of q(z_0 | observations) from values (N, T, D) and mask (N, T)."""
+        n, length, _ = values.shape
+        h = values.new_zeros(n, self.cell.hidden_size)
+        self.gap_stats = []
+        for j in range(length - 1, -1, -1):
+            if j < length - 1:
+                h = self.flow.solve(h, t[j:j + 2].flip(0))[-1]  # from t[j + 1] back to t[j]
+                self.gap_stats.append(self.flow.stats)
+            m = mask[:, j:j + 1]
+            update = self.cell(torch.cat([values[:, j] * m, m], -1), h)
+            h = m * update + (1 - m) * h
+        mean, log_var = self.out(h).chunk(2, -1)
+        return mean, log_var
+
+    @property
+    def stats(self) -> dict:
+        """The last forward pass's per-gap solve statistics, added up (NFE, steps, checkpoint
+        bytes); read it after `loss.backward()` for the backward counters too."""
+        total: dict = {}
+        for gap in self.gap_stats:
+            for key in _SUMMED_STATS:
+                value = gap.get(key)
+                if value is not None:
+                    total[key] = total.get(key, 0) + value
+        return total
+
+
 class LatentField(nn.Module):
     """f(t, z) = MLP(z): autonomous latent dynamics with ELU activations."""
 
@@ -58,14 +131,25 @@ class LatentField(nn.Module):
 
 
 class LatentODE(nn.Module):
-    """Encoder, latent ODE block and decoder; `solver` holds the ODEBlock keywords."""
+    """Encoder, latent ODE block and decoder; `solver` holds the ODEBlock keywords.
+
+    `encoder` picks q(z_0 | x): "gru" (`GRUEncoder`) or "ode_rnn" (`ODERNNEncoder`, whose gap
+    solves use the same `solver` keywords as the latent ODE).
+    """
 
     def __init__(
         self, obs_dim: int, latent_dim: int = 4, hidden: int = 32, encoder_hidden: int = 32,
-        obs_std: float = 0.1, **solver,
+        obs_std: float = 0.1, *, encoder: str = "gru", **solver,
     ):
         super().__init__()
-        self.encoder = GRUEncoder(obs_dim, encoder_hidden, latent_dim)
+        if encoder == "gru":
+            self.encoder = GRUEncoder(obs_dim, encoder_hidden, latent_dim)
+        elif encoder == "ode_rnn":
+            self.encoder = ODERNNEncoder(obs_dim, encoder_hidden, latent_dim, **solver)
+        else:
+            raise UnknownNameError(
+                f"unknown encoder {encoder!r}; valid encoders: {', '.join(ENCODERS)}"
+            )
         self.block = ODEBlock(LatentField(latent_dim, hidden), **solver)
         self.decoder = nn.Sequential(
             nn.Linear(latent_dim, hidden), nn.ELU(), nn.Linear(hidden, obs_dim)
