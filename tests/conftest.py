@@ -1,6 +1,8 @@
 import pytest
 import torch
 
+from odegrad.loop import integrate
+
 
 @pytest.fixture(autouse=True)
 def _seed():
@@ -33,3 +35,19 @@ class MLPField(torch.nn.Module):
 @pytest.fixture
 def mlp_field():
     return MLPField()
+
+
+def integrate_keeping_final_state(f, y0, t, solver, **kwargs):
+    """(outputs, trajectory, the last augmented state) of a forward loop run without a graph:
+    reversible schemes' states hold more than the outputs show (z beside y, or the velocity)."""
+    final = []
+    with torch.no_grad():
+        outputs, trajectory = integrate(
+            f, y0, t, solver, on_step=lambda record, y, step: final.append(step.y), **kwargs
+        )
+    return outputs, trajectory, final[-1]
+
+
+@pytest.fixture
+def run_keeping_final_state():
+    return integrate_keeping_final_state

@@ -9,29 +9,20 @@ import torch
 
 import odegrad
 from odegrad.errors import InvalidInputError, ReversibleDriftWarning
-from odegrad.loop import integrate
 from odegrad.solvers.alf import AsynchronousLeapfrog
 
 F64 = torch.float64
 
 
-def _run(f, y0, t, solver, **kwargs):
-    """Forward loop keeping the final augmented state and the trajectory."""
-    final = []
-    with torch.no_grad():
-        outputs, trajectory = integrate(
-            f, y0, t, solver, on_step=lambda r, y, s: final.append(s.y), **kwargs
-        )
-    return outputs, trajectory, final[-1]
-
-
 @pytest.mark.parametrize("adaptive", [False, True])
-def test_inverse_run_recovers_initial_state(mlp_field, adaptive):
+def test_inverse_run_recovers_initial_state(mlp_field, run_keeping_final_state, adaptive):
     solver = AsynchronousLeapfrog()
     y0 = torch.randn(3, dtype=F64)
     t = torch.tensor([0.0, 2.0], dtype=F64)
     options = dict(rtol=1e-7, atol=1e-9) if adaptive else dict(step_size=0.05)
-    _, trajectory, state = _run(mlp_field, y0, t, solver, adaptive=adaptive, **options)
+    _, trajectory, state = run_keeping_final_state(
+        mlp_field, y0, t, solver, adaptive=adaptive, **options
+    )
     assert len(trajectory.steps) >= 20
     for record in reversed(trajectory.steps):
         state = solver.inverse_step(mlp_field, t[0] + record.t, record.h, state)

@@ -124,20 +124,26 @@ def assert_converges(errors: list[float]) -> None:
     assert errors[0] > 1e3 * errors[-1], errors
 
 
-def test_linear_gradient_converges_to_closed_form():
-    assert_converges(linear_errors("backsolve"))
+CONTINUOUS = ["backsolve", "interpolated"]
 
 
-def test_mlp_gradient_converges_including_time():
-    assert_converges(mlp_errors("backsolve"))
+@pytest.mark.parametrize("gradient", CONTINUOUS)
+def test_linear_gradient_converges_to_closed_form(gradient):
+    assert_converges(linear_errors(gradient))
 
 
-def test_decreasing_times():
+@pytest.mark.parametrize("gradient", CONTINUOUS)
+def test_mlp_gradient_converges_including_time(gradient):
+    assert_converges(mlp_errors(gradient))
+
+
+@pytest.mark.parametrize("gradient", CONTINUOUS)
+def test_decreasing_times_over_several_intervals(gradient):
     field, y0, t, cotangent = mlp_case()
     t = t.flip(0)
     exact = separate_solves_reference(field, y0, t, cotangent)
     got, _ = flat_gradients(field, y0, t, cotangent, rtol=1e-10, atol=1e-10,
-                            gradient="backsolve")
+                            gradient=gradient)
     assert float((got - exact).norm() / exact.norm()) < 1e-8
 
 

@@ -14,33 +14,17 @@ from odegrad.interpolation import lobatto_nodes
 from odegrad.problem import Problem
 from odegrad.solvers import make_solver
 from test_backsolve import (
-    assert_converges,
     flat_gradients,
     linear_case,
-    linear_errors,
     mlp_case,
-    mlp_errors,
     separate_solves_reference,
 )
 
 DT = torch.float64
 
 
-def test_linear_gradient_converges_to_closed_form():
-    assert_converges(linear_errors("interpolated"))
-
-
-def test_mlp_gradient_converges_including_time():
-    assert_converges(mlp_errors("interpolated"))
-
-
-def test_decreasing_times_and_several_intervals():
-    field, y0, t, cotangent = mlp_case()
-    t = t.flip(0)
-    exact = separate_solves_reference(field, y0, t, cotangent)
-    got, _ = flat_gradients(field, y0, t, cotangent, rtol=1e-10, atol=1e-10,
-                            gradient="interpolated")
-    assert float((got - exact).norm() / exact.norm()) < 1e-8
+# Convergence to the closed-form and MLP gradients and decreasing times: tests/test_backsolve.py,
+# parametrised over both continuous adjoints.
 
 
 @pytest.mark.parametrize("direction", [1.0, -1.0])

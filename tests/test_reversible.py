@@ -13,20 +13,10 @@ from odegrad.errors import (
     ReversibleDriftWarning,
     UnsupportedCombinationError,
 )
-from odegrad.loop import integrate
 from odegrad.solvers import SOLVERS, Solver, Step, make_solver, register_solver
 from odegrad.tableaus import TABLEAUS
 
 F64 = torch.float64
-
-
-def _final_state(f, y0, t, solver, **kwargs):
-    final = []
-    with torch.no_grad():
-        _, trajectory = integrate(
-            f, y0, t, solver, on_step=lambda r, y, s: final.append(s.y), **kwargs
-        )
-    return trajectory, final[-1]
 
 
 @pytest.mark.parametrize(
@@ -37,13 +27,15 @@ def _final_state(f, y0, t, solver, **kwargs):
         ("reversible_tsit5", True),
     ],
 )
-def test_inverse_run_recovers_initial_state(mlp_field, method, adaptive):
+def test_inverse_run_recovers_initial_state(mlp_field, run_keeping_final_state, method, adaptive):
     solver = make_solver(method)
     y0 = torch.randn(3, dtype=F64)
     t = torch.tensor([0.0, 2.0], dtype=F64)
     rtol = 1e-5 if method == "reversible_heun" else 1e-9  # Heun's estimate is first order
     options = dict(rtol=rtol, atol=rtol / 100) if adaptive else dict(step_size=0.05)
-    trajectory, state = _final_state(mlp_field, y0, t, solver, adaptive=adaptive, **options)
+    _, trajectory, state = run_keeping_final_state(
+        mlp_field, y0, t, solver, adaptive=adaptive, **options
+    )
     assert len(trajectory.steps) >= 10
     for record in reversed(trajectory.steps):
         state = solver.inverse_step(mlp_field, t[0] + record.t, record.h, state)
