@@ -325,9 +325,9 @@ class _KeyedSolver:
         self._streams.init_keys = range(start, self._streams.count)
         return carry
 
-    def step(self, f, t, h, y, carry):
+    def step(self, f, t, h, y, carry, **options):
         start = self._streams.count
-        step = self._solver.step(f, t, h, y, carry)
+        step = self._solver.step(f, t, h, y, carry, **options)
         self._streams.attempt = range(start, self._streams.count)
         return step
 

@@ -48,6 +48,11 @@ class Solver(ABC):
     # (β₁, β₂) of the PI step-size controller (control.PIController): Hairer's DOPRI5 values
     # by default; implicit solvers use the smoother 0.7/0.4 that stiff problems need.
     controller_coefficients: tuple[float, float] = (0.85, 0.2)
+    # Set by solvers whose `step` also takes `stage_times=`: the times t + c_i h of its stages
+    # for c_i in `stage_nodes`, which a fixed-step loop computes for all steps at once
+    # (loop.stage_time_table) instead of in scalar tensor ops per stage.
+    takes_stage_times: bool = False
+    stage_nodes: tuple[float, ...] = ()
 
     @property
     def adaptive(self) -> bool:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -32,7 +34,11 @@ class ExplicitRungeKutta(Solver):
 
     The carry is f(t_n, y_n): the last stage of an FSAL scheme, or the first stage of the
     previous attempt from the same point, so a rejected step never re-evaluates it.
+    `stage_times`, when given, holds t + c_i h for every stage (stage_times[0] is t), computed
+    by the loop with the same roundings (loop.stage_time_table); else each is computed here.
     """
+
+    takes_stage_times = True
 
     def __init__(self, tableau: ButcherTableau):
         if not tableau.explicit:
@@ -42,6 +48,7 @@ class ExplicitRungeKutta(Solver):
         self.order = tableau.order
         self.error_order = tableau.error_order
         self._c = [float(c) for c in tableau.c]
+        self.stage_nodes = tuple(self._c)
         self._a = [_nonzero(row[:i]) for i, row in enumerate(tableau.a)]
         self._b = _nonzero(tableau.b)
         self._e = None if tableau.error is None else _nonzero(tableau.error)
@@ -57,19 +64,25 @@ class ExplicitRungeKutta(Solver):
         return carry
 
     def stages_from(
-        self, f: VectorField, t: Tensor, h: Scalar, y: Tensor, k1: Tensor
+        self, f: VectorField, t: Tensor, h: Scalar, y: Tensor, k1: Tensor,
+        stage_times: Sequence[Tensor] | None = None,
     ) -> tuple[list[Tensor], Tensor]:
-        """All stages K_1..K_s of the step given K_1 = f(t, y), and the last stage point Y_s."""
+        """All stages K_1..K_s of the step given K_1 = f(t, y), and the last stage point Y_s;
+        stage i at stage_times[i] when given, else at t + c_i h."""
         ks = [k1]
         y_stage = y
         for i in range(1, self.stages):
             y_stage = combine(y, h, self._a[i], ks)
-            ks.append(f(t + self._c[i] * h, y_stage))
+            t_i = t + self._c[i] * h if stage_times is None else stage_times[i]
+            ks.append(f(t_i, y_stage))
         return ks, y_stage
 
-    def step(self, f: VectorField, t: Tensor, h: Scalar, y: Tensor, carry: Tensor | None) -> Step:
+    def step(
+        self, f: VectorField, t: Tensor, h: Scalar, y: Tensor, carry: Tensor | None,
+        stage_times: Sequence[Tensor] | None = None,
+    ) -> Step:
         k1 = f(t, y) if carry is None else carry
-        ks, last_point = self.stages_from(f, t, h, y, k1)
+        ks, last_point = self.stages_from(f, t, h, y, k1, stage_times)
         if self.tableau.fsal:
             # The last stage point is y_next itself (a_s = b), and K_s = f(t + h, y_next).
             y_next, next_carry = last_point, ks[-1]
