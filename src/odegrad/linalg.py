@@ -113,13 +113,23 @@ def gmres(
     atol: float = 0.0,
     restart: int = 20,
     max_iters: int = 200,
+    preconditioner: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, bool, float]:
     """Restarted GMRES(m) for A x = b, x0 = 0 (Saad & Schultz 1986).
 
     Arnoldi with classical Gram–Schmidt applied twice (CGS2: two matrix products per
     iteration), Givens rotations on the host for the small least-squares problem. Stops when
     ‖b − A x‖ ≤ max(rtol ‖b‖, atol). Returns (x, converged, relative residual).
+    `preconditioner` P ≈ A⁻¹ (linear) preconditions on the right (Saad, Iterative Methods
+    §9.3.2): GMRES solves A P u = b and returns x = P u, whose residual is the same, so P
+    changes how fast it converges, not what to.
     """
+    if preconditioner is not None:
+        u, converged, relative = gmres(
+            lambda v: matvec(preconditioner(v)), b, rtol=rtol, atol=atol, restart=restart,
+            max_iters=max_iters,
+        )
+        return preconditioner(u), converged, relative
     shape = b.shape
     b = b.reshape(-1)
     b_norm = float(torch.linalg.vector_norm(b))
