@@ -34,9 +34,9 @@ class PIController:
     to [min_factor, max_factor]; after a rejection the step is never increased.
 
     β₁ = 0.85, β₂ = 0.2 are Hairer's DOPRI5 values (exponents 0.17 and 0.04 for k = 5, HNW I
-    II.4). Measured against the former 0.7/0.4 on MLP, damped-MLP, Lotka–Volterra, van der
-    Pol and Arenstorf problems (dopri5, tol 1e-4 and 1e-7): 0–20% fewer f evaluations, the
-    same as torchdiffeq's I-controller within ±10%, with errors at or below torchdiffeq's.
+    II.4). Against the former 0.7/0.4 on MLP, damped-MLP, Lotka–Volterra, van der Pol and
+    Arenstorf problems (dopri5, tol 1e-4 and 1e-7): 0–19% fewer f evaluations; from 30% fewer
+    to 31% more than torchdiffeq's I-controller (benchmarks/bench_controller.py, RESULTS §1).
     Each solver names its pair (Solver.controller_coefficients; implicit ones keep 0.7/0.4).
     """
 

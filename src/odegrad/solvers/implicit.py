@@ -50,6 +50,7 @@ Method options (keywords of `odegrad.solve`):
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -468,27 +469,18 @@ class CrankNicolson(DiagonallyImplicitRungeKutta):
 
 
 def _factory(name: str, cls: type, adaptive_by_default: bool):
-    def factory(
-        linear_solver: str = "auto",
-        batch_independent: bool = False,
-        newton_kappa: float = 1e-2,
-        newton_max_iters: int = 10,
-        jacobian_refresh_rate: float = 0.2,
-        gmres_restart: int = 30,
-        gmres_max_iters: int = 300,
-        gmres_rtol: float = 1e-3,
-        adjoint_rtol: float | None = None,
-        preconditioner: Preconditioner | None = None,
-    ) -> DiagonallyImplicitRungeKutta:
-        return cls(
-            DIRK_TABLEAUS[name], DIRK_PREDICTORS[name], linear_solver=linear_solver,
-            batch_independent=batch_independent, adaptive_by_default=adaptive_by_default,
-            newton_kappa=newton_kappa, newton_max_iters=newton_max_iters,
-            jacobian_refresh_rate=jacobian_refresh_rate, gmres_restart=gmres_restart,
-            gmres_max_iters=gmres_max_iters, gmres_rtol=gmres_rtol, adjoint_rtol=adjoint_rtol,
-            preconditioner=preconditioner,
-        )
+    """`method=name`: the tableau and predictor of `name`, and the method options of `cls`
+    (its keyword-only parameters, read by the option routing from this factory's signature)."""
 
+    def factory(**options) -> DiagonallyImplicitRungeKutta:
+        return cls(DIRK_TABLEAUS[name], DIRK_PREDICTORS[name],
+                   adaptive_by_default=adaptive_by_default, **options)
+
+    options = [
+        p for p in inspect.signature(cls).parameters.values()
+        if p.kind is p.KEYWORD_ONLY and p.name != "adaptive_by_default"
+    ]
+    factory.__signature__ = inspect.Signature(options)
     factory.__name__ = name
     return factory
 
