@@ -149,7 +149,7 @@ def test_backward_cost_in_f_evaluations(method):
 
 @pytest.mark.parametrize("n_steps", [10, 100, 1000])
 def test_checkpoint_bytes(n_steps):
-    a = torch.tensor(-0.7, dtype=DT, requires_grad=True)
+    a = torch.tensor(-0.7, dtype=DT)
     y0 = torch.randn(5, dtype=DT, requires_grad=True)
     t = torch.tensor([0.0, 1.0], dtype=DT)
     state = 5 * 8

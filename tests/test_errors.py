@@ -166,7 +166,7 @@ def test_negative_tolerance():
 
 
 def test_bad_step_size():
-    with pytest.raises(InvalidInputError, match="step_size must be a positive number"):
+    with pytest.raises(InvalidInputError, match="step_size must be a positive"):
         odegrad.odeint(decay, y0(), times(0.0, 1.0), method="rk4", step_size=0.0)
 
 

@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import inspect
+import math
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from .errors import InvalidInputError, NonFiniteError, UnknownNameError
+from .errors import (
+    InvalidInputError,
+    NonFiniteError,
+    UnknownNameError,
+    UnsupportedCombinationError,
+)
 from .gradients import load_gradient
 from .loop import DEFAULT_MAX_STEPS
-from .problem import CountedField, Problem, TupleField, validate_tolerance
+from .problem import CountedField, Problem, TupleField, restored_buffers, validate_tolerance
 from .solvers import SOLVERS, make_solver
 
 __all__ = ["odeint", "solve", "Solution", "METHOD_ALIASES"]
@@ -86,9 +93,10 @@ def solve(
     method = _resolve_method(method)
     y0_flat, shapes, is_tuple = _validate_y0(y0)
     t = _validate_t(t, y0_flat)
-    if not isinstance(max_steps, int) or max_steps < 1:
+    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
         raise InvalidInputError(f"max_steps must be a positive int, got {max_steps!r}")
     gradient_module = load_gradient(gradient)
+    _check_function_transforms(gradient)
 
     solver_options, gradient_options, loop_options = _split_options(
         method, gradient_module, options
@@ -106,7 +114,7 @@ def solve(
     module = f if isinstance(f, torch.nn.Module) else None
     if params is None:
         params = list(module.parameters()) if module is not None else []
-    params = tuple(p for p in params if isinstance(p, Tensor) and p.requires_grad)
+    params = _unique_params(params)
 
     adaptive = loop_options.get("adaptive")
     if adaptive and solver.error_order is None:
@@ -119,7 +127,9 @@ def solve(
     if adaptive is False and step_size is None:
         raise InvalidInputError("adaptive=False needs step_size=")
     if step_size is not None and (not _is_positive_number(step_size)):
-        raise InvalidInputError(f"step_size must be a positive number, got {step_size!r}")
+        raise InvalidInputError(
+            f"step_size must be a positive finite number, got {step_size!r}"
+        )
 
     problem = Problem(
         f=counted, y0=y0_flat, t=t, solver=solver, params=params,
@@ -130,9 +140,14 @@ def solve(
         max_steps=max_steps, stats=stats, module=module,
         **({"norm": loop_options["norm"]} if "norm" in loop_options else {}),
     )
+    if problem.adaptive:
+        _check_tolerances_positive(problem.rtol, problem.atol)
     check = getattr(gradient_module, "check", None)
     if check is not None:
         check(problem)
+    if gradient != "direct" and torch.is_grad_enabled():
+        check_params_cover_field(field_, y0_flat, t, params, gradient, module, key=f)
+    stats["method"] = solver.name
     ys = gradient_module.solve(problem, **gradient_options)
     if is_tuple:
         ys = TupleField(f, shapes).unflatten(ys)
@@ -142,10 +157,126 @@ def solve(
 
 
 def _is_positive_number(x) -> bool:
+    if isinstance(x, bool):
+        return False
     try:
-        return float(x) > 0.0
+        return math.isfinite(float(x)) and float(x) > 0.0
     except (TypeError, ValueError):
         return False
+
+
+def _unique_params(params: Sequence[Tensor]) -> tuple[Tensor, ...]:
+    """The tensors of `params` that require grad, each once (a tensor given twice would
+    otherwise receive its gradient twice from the custom gradient methods)."""
+    seen: set[int] = set()
+    unique = []
+    for p in params:
+        if isinstance(p, Tensor) and p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            unique.append(p)
+    return tuple(unique)
+
+
+def _check_function_transforms(gradient: str) -> None:
+    """torch.func transforms: `grad`/`vjp`/`jacrev`/`jvp` run through gradient="direct" (plain
+    autograd); the custom gradient methods are autograd.Functions that do not support them, and
+    no method supports `vmap` (the loop's step decisions are data-dependent)."""
+    stack = torch._C._functorch.get_interpreter_stack()
+    if not stack:
+        return
+    kinds = {str(level.key()).rsplit(".", 1)[-1] for level in stack}
+    if "Vmap" in kinds:
+        raise UnsupportedCombinationError(
+            "odegrad.solve does not run under torch.vmap: its step-size and stopping decisions "
+            "depend on the data. Batch the problems along y0's leading dimensions instead (f "
+            "must treat the samples independently), or loop over them"
+        )
+    if gradient != "direct":
+        raise UnsupportedCombinationError(
+            f"gradient={gradient!r} does not run under torch.func transforms "
+            f"({', '.join(sorted(kinds))}); use gradient='direct' there, or "
+            "torch.autograd.grad / .backward() with this gradient"
+        )
+
+
+def _check_tolerances_positive(rtol: Tensor | float, atol: Tensor | float) -> None:
+    """An adaptive error norm divides by atol + rtol·|y|: both zero anywhere is an error."""
+    both_zero = torch.as_tensor(rtol).eq(0) & torch.as_tensor(atol).eq(0)
+    if bool(both_zero.any()):
+        raise InvalidInputError(
+            "rtol and atol are both zero (for some component): an adaptive method needs a "
+            "positive tolerance; give atol > 0 or rtol > 0"
+        )
+
+
+def check_params_cover_field(f, y0: Tensor, t: Tensor, params: Sequence[Tensor],
+                             gradient: str, module: torch.nn.Module | None = None,
+                             key: object = None) -> None:
+    """Raise if f depends on a tensor that requires grad and is not reached through `params`.
+
+    The custom gradient methods return gradients for y0, t and `params` only; a tensor that f
+    closes over and that is missing from params would silently get no gradient (direct
+    differentiates it). One evaluation of f under autograd at (t0, y0) is walked back to its
+    leaves; the walk stops at the params (and at the graph nodes of non-leaf params). A leaf
+    that f creates itself (e.g. a detached copy of y with requires_grad) is told apart by a
+    second evaluation, made only when the first finds candidates: f's own leaves are new
+    objects there, a captured tensor is the same one. The evaluations draw from forked random
+    streams and leave f's buffers as they were; a (key, params) pair that passed is not
+    checked again while `key` (the user's f) lives.
+    """
+    ids = frozenset(id(p) for p in params)
+    if key is not None:
+        try:
+            if _COVERED.get(key) == ids:
+                return
+        except TypeError:  # f is not weak-referenceable or hashable: check every time
+            key = None
+    missing = _uncovered_leaves(f, y0, t, params, module)
+    if missing:
+        again = {id(v) for v in _uncovered_leaves(f, y0, t, params, module)}
+        missing = [v for v in missing if id(v) in again]
+    if missing:
+        shapes = ", ".join(str(tuple(v.shape)) for v in missing[:5])
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise InvalidInputError(
+            f"f depends on {len(missing)} tensor(s) that require grad but are not in params= "
+            f"(shapes {shapes}{more}): gradient={gradient!r} would give them no gradient. Pass "
+            "them in params= (for an nn.Module f, params defaults to f.parameters()), or "
+            "detach them / call requires_grad_(False) if they are constants"
+        )
+    if key is not None:
+        _COVERED[key] = ids
+
+
+# f -> the ids of the params with which it passed `check_params_cover_field`.
+_COVERED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _uncovered_leaves(f, y0: Tensor, t: Tensor, params: Sequence[Tensor],
+                      module: torch.nn.Module | None) -> list[Tensor]:
+    """The leaves requiring grad that one evaluation f(t0, y0) reaches without passing
+    through `params`."""
+    targets = {id(p) for p in params}
+    stops = {p.grad_fn for p in params if p.grad_fn is not None}
+    with torch.enable_grad(), restored_buffers(module), torch.random.fork_rng(
+        devices=[y0.device] if y0.device.type == "cuda" else []
+    ):
+        out = f(t[0].detach(), y0.detach())
+    roots = [out.grad_fn] if isinstance(out, Tensor) and out.grad_fn is not None else []
+    missing: list[Tensor] = []
+    seen: set = set()
+    while roots:
+        node = roots.pop()
+        if node is None or node in seen or node in stops:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)
+        if variable is not None:
+            if id(variable) not in targets:
+                missing.append(variable)
+            continue
+        roots.extend(next_node for next_node, _ in node.next_functions)
+    return missing
 
 
 def _resolve_method(method: str) -> str:
@@ -182,6 +313,9 @@ def _validate_y0(y0) -> tuple[Tensor, list[torch.Size], bool]:
                 f"{name} has dtype {part.dtype} on {part.device}, but y0[0] has dtype "
                 f"{parts[0].dtype} on {parts[0].device}: tuple states need one dtype and device"
             )
+        if part.numel() == 0:
+            raise InvalidInputError(f"{name} is empty (shape {tuple(part.shape)}): there is "
+                                    "nothing to integrate")
         if not bool(torch.isfinite(part).all()):
             raise NonFiniteError(f"{name} holds non-finite values (inf or nan)")
     if not is_tuple:

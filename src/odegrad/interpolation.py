@@ -53,7 +53,7 @@ def barycentric(t: Tensor, nodes: Tensor, weights: Tensor, values: Tensor) -> Te
     c = weights / (t.unsqueeze(-1) - nodes)
     c = torch.nan_to_num(c / c.sum(dim=-1, keepdim=True), nan=1.0)
     flat = values.reshape(values.shape[0], -1)
-    return (c @ flat).reshape(*t.shape, *values.shape[1:])
+    return (c @ flat).reshape(t.shape + values.shape[1:])
 
 
 class BarycentricInterpolant:

@@ -162,7 +162,7 @@ def integrate(
             h = direction * abs(float(step_size))
         plan = None
     else:
-        plan = _fixed_plan(times, step_size, direction)
+        plan = _fixed_plan(times, step_size, direction, max_steps)
     # Fixed steps with constant times: every stage time up front, read as views per step.
     rows = None
     if (plan is not None and len(plan) >= _MIN_TABLE_STEPS and not time_grad
@@ -313,16 +313,32 @@ def fixed_step_count(t: Tensor, step_size: float | None) -> int:
     times = [float(v) for v in t.detach().cpu().tolist()]
     if len(times) < 2:
         return 0
-    return len(_fixed_plan(times, step_size, 1.0 if times[-1] > times[0] else -1.0))
+    return _fixed_step_total(times, step_size)
 
 
-def _fixed_plan(times: list[float], step_size: float | None, direction: float) -> list:
-    """(h, end_anchor, start_anchor, start_offset) of every step of a fixed-step solve."""
+def _fixed_step_total(times: list[float], step_size: float | None) -> int:
+    """The number of steps of `_fixed_plan`, from two floats (no plan built)."""
+    if step_size is None:
+        return len(times) - 1
+    span = abs(times[-1] - times[0])
+    return max(1, math.ceil(span / abs(float(step_size)) * (1 - 1e-12)))
+
+
+def _fixed_plan(
+    times: list[float], step_size: float | None, direction: float, max_steps: int | None = None
+) -> list:
+    """(h, end_anchor, start_anchor, start_offset) of every step of a fixed-step solve; the
+    step count is checked against `max_steps` before the plan is built."""
+    n = _fixed_step_total(times, step_size)
+    if max_steps is not None and n > max_steps:
+        raise MaxStepsExceededError(
+            f"a fixed-step solve from {times[0]:.10g} to {times[-1]:.10g} with step_size="
+            f"{step_size!r} needs {n} steps, more than max_steps={max_steps}; raise max_steps "
+            "or take a larger step_size"
+        )
     if step_size is None:
         return [(times[i + 1] - times[i], i + 1, i, 0.0) for i in range(len(times) - 1)]
     step = abs(float(step_size))
-    span = abs(times[-1] - times[0])
-    n = max(1, math.ceil(span / step * (1 - 1e-12)))
     plan = [(direction * step, None, 0, direction * step * k) for k in range(n - 1)]
     last_offset = direction * step * (n - 1)
     plan.append((times[-1] - (times[0] + last_offset), len(times) - 1, 0, last_offset))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -140,6 +141,34 @@ def restored_buffers(module: torch.nn.Module | None) -> Iterator[None]:
                 buffer.copy_(value)
 
 
+@contextmanager
+def backward_phase(problem: Problem) -> Iterator[None]:
+    """Count f evaluations into stats["nfe_backward"] while the backward pass runs, and undo
+    what its f evaluations write into f's buffers (BatchNorm running statistics, ALGORITHMS.md
+    §2 "side effects"): the module is left as the forward pass left it."""
+    stats = problem.stats
+    previous = stats.get("_phase")
+    stats["_phase"] = "backward"
+    try:
+        with restored_buffers(problem.module):
+            yield
+    finally:
+        if previous is None:
+            stats.pop("_phase", None)
+        else:
+            stats["_phase"] = previous
+
+
+def has_active_dropout(module: torch.nn.Module | None) -> bool:
+    """Whether `module` holds a dropout layer in training mode with p > 0."""
+    if module is None:
+        return False
+    return any(
+        isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.training and m.p > 0
+        for m in module.modules()
+    )
+
+
 def validate_tolerance(value, name: str, y0: Tensor | None = None) -> Tensor | float:
     """A non-negative scalar (returned as a float) or per-component tensor (broadcast to y0)."""
     from .errors import InvalidInputError
@@ -156,6 +185,8 @@ def validate_tolerance(value, name: str, y0: Tensor | None = None) -> Tensor | f
                         f"{name} of shape {tuple(value.shape)} does not broadcast to y0's shape "
                         f"{tuple(y0.shape)}"
                     ) from None
+            if not bool(torch.isfinite(value).all()):
+                raise InvalidInputError(f"{name} holds non-finite values (inf or nan)")
             if bool((value < 0).any()):
                 raise InvalidInputError(f"{name} must be non-negative")
             return value
@@ -163,6 +194,6 @@ def validate_tolerance(value, name: str, y0: Tensor | None = None) -> Tensor | f
         value = float(value)
     except (TypeError, ValueError):
         raise InvalidInputError(f"{name} must be a number or a tensor, got {value!r}") from None
-    if not value >= 0.0:
-        raise InvalidInputError(f"{name} must be non-negative, got {value}")
+    if not (value >= 0.0 and math.isfinite(value)):
+        raise InvalidInputError(f"{name} must be non-negative and finite, got {value}")
     return value

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from ..problem import Problem
 from .continuous import (
@@ -29,13 +28,16 @@ from .continuous import (
     AdjointSettings,
     adjoint_settings,
     backward_phase,
+    backward_with_graph,
+    check,
     last_step,
     state_bytes,
     sweep,
     time_gradient,
 )
+from .second_order import graph_requested
 
-__all__ = ["solve", "OPTIONS"]
+__all__ = ["solve", "check", "OPTIONS"]
 
 
 def solve(problem: Problem, **options) -> Tensor:
@@ -60,9 +62,11 @@ class _Backsolve(torch.autograd.Function):
         return ys
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_ys: Tensor):
         problem: Problem = ctx.problem
+        if graph_requested():  # double backward: gradients/second_order.py
+            needs = ctx.needs_input_grad[2:]
+            return (None, None, *backward_with_graph(problem, grad_ys, needs))
         (ys,) = ctx.saved_tensors
         with torch.no_grad(), backward_phase(problem):
             a0, mu = sweep(problem, ys, grad_ys, ctx.settings, None, ctx.first_step)

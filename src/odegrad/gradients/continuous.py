@@ -18,19 +18,25 @@ with y_0 fixed shifts the whole trajectory: ∂y(t)/∂t_0 = −Φ(t, t_0) f(t_0
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from ..control import Norm, rms_norm
-from ..errors import InvalidInputError, OdegradError
+from ..errors import (
+    InvalidInputError,
+    NonFiniteError,
+    OdegradError,
+    UnsupportedCombinationError,
+)
 from ..loop import integrate
-from ..problem import Problem, restored_buffers, validate_tolerance
+from ..problem import Problem, backward_phase, has_active_dropout, validate_tolerance
 from ..solvers import make_solver
 from ..solvers.base import Solver
+from .second_order import differentiable_backward
 
 OPTIONS = ("adjoint_method", "adjoint_rtol", "adjoint_atol", "adjoint_step_size", "adjoint_norm")
 NORMS = ("seminorm", "full")
@@ -56,26 +62,54 @@ def adjoint_settings(
     adjoint_atol: float | Tensor | None = None,
     adjoint_step_size: float | None = None,
     adjoint_norm: str = "seminorm",
+    *,
+    interpolant: bool = False,
 ) -> AdjointSettings:
-    """The backward solve's settings; each defaults to the forward solve's."""
+    """The backward solve's settings; each defaults to the forward solve's.
+
+    A fixed-step `adjoint_method` after an adaptive forward solve needs `adjoint_step_size`
+    (the forward has no step size to share, and one step per output interval would be a
+    silently inaccurate gradient). With `interpolant` (the interpolated adjoint, whose y(t) is
+    known only on [t_0, T]) the backward scheme's stages must lie inside its steps: a scheme
+    with a stage node c outside [0, 1] (kvaerno5: c = 1.23) is refused when asked for and, when
+    it is only the forward's method, replaced by kvaerno3 (same family, every c in [0, 1]).
+    """
     if adjoint_norm not in NORMS:
         raise InvalidInputError(
             f"adjoint_norm must be one of {', '.join(map(repr, NORMS))}, got {adjoint_norm!r}"
         )
     if adjoint_method is None:
         solver, adaptive = problem.solver, bool(problem.adaptive)
+        if interpolant and not _stages_inside_step(solver):
+            solver = make_solver("kvaerno3", **{
+                name: getattr(solver, name) for name in _IMPLICIT_SHARED_OPTIONS
+                if hasattr(solver, name)
+            })
     else:
         solver = make_solver(adjoint_method)
         adaptive = solver.adaptive
+        if interpolant and not _stages_inside_step(solver):
+            raise UnsupportedCombinationError(
+                f"adjoint_method={adjoint_method!r} has a stage outside its step (c = "
+                f"{max(_stage_nodes(solver)):.4g}), where the interpolated adjoint has no y(t) "
+                "at the first output time; use a method whose stage nodes lie in [0, 1] (e.g. "
+                "'kvaerno3', 'dopri5') or gradient='backsolve'"
+            )
+        if not adaptive and adjoint_step_size is None and problem.adaptive:
+            raise InvalidInputError(
+                f"adjoint_method={adjoint_method!r} takes fixed steps, but the forward solve "
+                "was adaptive, so there is no step size to reuse: give adjoint_step_size= (or "
+                "an adaptive adjoint_method)"
+            )
     step_size = adjoint_step_size
     if step_size is None and not adaptive:
         step_size = problem.step_size
     if step_size is not None:
         try:
-            step_size = float(step_size)
+            step_size = -1.0 if isinstance(step_size, bool) else float(step_size)
         except (TypeError, ValueError):
             step_size = -1.0
-        if not step_size > 0.0:
+        if not (step_size > 0.0 and math.isfinite(step_size)):
             raise InvalidInputError(
                 f"adjoint_step_size must be a positive number, got {adjoint_step_size!r}"
             )
@@ -90,6 +124,32 @@ def adjoint_settings(
         step_size=step_size, adaptive=adaptive, seminorm=adjoint_norm == "seminorm",
         max_steps=problem.max_steps,
     )
+
+
+def check(problem: Problem) -> None:
+    """The continuous adjoints re-evaluate f at new points in the backward pass: active dropout
+    would draw masks the forward never used, a silently wrong gradient."""
+    if has_active_dropout(problem.module):
+        raise UnsupportedCombinationError(
+            "gradient='backsolve' and 'interpolated' need a deterministic f, but f has active "
+            "dropout: the backward pass would draw new masks at every evaluation; call f.eval() "
+            "or use gradient='discrete' (which replays the forward pass's masks) or 'direct'"
+        )
+
+
+# Options of an implicit forward solver that its kvaerno3 stand-in keeps.
+_IMPLICIT_SHARED_OPTIONS = ("linear_solver", "batch_independent", "preconditioner")
+
+
+def _stage_nodes(solver: Solver) -> list[float]:
+    """The stage nodes c_i of a Runge–Kutta solver (its own or its base's tableau)."""
+    tableau = getattr(solver, "tableau", None) or getattr(getattr(solver, "base", None),
+                                                          "tableau", None)
+    return [] if tableau is None else [float(c) for c in tableau.c]
+
+
+def _stages_inside_step(solver: Solver) -> bool:
+    return all(0.0 <= c <= 1.0 for c in _stage_nodes(solver))
 
 
 class Layout:
@@ -187,22 +247,13 @@ class AugmentedField:
         return out
 
 
-@contextmanager
-def backward_phase(problem: Problem) -> Iterator[None]:
-    """Count f evaluations into stats["nfe_backward"] while the backward pass runs, and undo
-    what its f evaluations write into f's buffers (BatchNorm running statistics, ALGORITHMS.md
-    §2 "side effects"): the module is left as the forward pass left it."""
-    stats = problem.stats
-    previous = stats.get("_phase")
-    stats["_phase"] = "backward"
-    try:
-        with restored_buffers(problem.module):
-            yield
-    finally:
-        if previous is None:
-            stats.pop("_phase", None)
-        else:
-            stats["_phase"] = previous
+def backward_with_graph(problem: Problem, grad_ys: Tensor, needs) -> list[Tensor | None]:
+    """Double backward (create_graph=True): the gradients w.r.t. (y0, t, *params) as direct
+    gives them through the forward scheme, differentiable (gradients/second_order.py)."""
+    with backward_phase(problem):
+        return differentiable_backward(
+            problem, grad_ys, [problem.y0, problem.t, *problem.params], needs
+        )
 
 
 def sweep(
@@ -242,6 +293,15 @@ def sweep(
                 atol=atol, step_size=step_size, adaptive=settings.adaptive,
                 max_steps=settings.max_steps, norm=norm, stats=local,
             )
+        except NonFiniteError as error:
+            raise NonFiniteError(
+                f"in the backward (adjoint) solve from t={float(t[i]):.10g} to "
+                f"t={float(t[i - 1]):.10g}: "
+                + str(error).replace("f returned", "the adjoint dynamics (f and its "
+                                     "vector-Jacobian products a^T ∂f/∂y, a^T ∂f/∂θ) returned", 1)
+                + "; the forward solve was finite there, so a derivative of f is singular "
+                "(e.g. sqrt or log at 0) or the backward re-solve of y diverged"
+            ) from error
         except OdegradError as error:
             raise type(error)(
                 f"in the backward (adjoint) solve from t={float(t[i]):.10g} to "

@@ -48,7 +48,6 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from ..checkpointing import (
     Delete,
@@ -63,9 +62,10 @@ from ..checkpointing import (
 )
 from ..errors import InvalidInputError, UnknownNameError, UnsupportedCombinationError
 from ..loop import Trajectory, fixed_step_count, replay_rejected
-from ..problem import Problem, restored_buffers
+from ..problem import Problem, backward_phase, has_active_dropout
 from ..solvers.base import Solver, Step
 from ..solvers.explicit import ExplicitRungeKutta, combine
+from .second_order import differentiable_backward, graph_requested
 
 OPTIONS = ("checkpoints", "memory_budget", "reproduce_rng")
 
@@ -104,7 +104,7 @@ def solve(
     policy = resolve_policy(problem, checkpoints, memory_budget)
     problem.stats.update(checkpoint_bytes=0, n_recomputed_steps=0, checkpoints=policy.describe())
     if reproduce_rng is None:
-        reproduce_rng = _has_active_dropout(problem.module)
+        reproduce_rng = has_active_dropout(problem.module)
     wanted = problem.y0.requires_grad or problem.t.requires_grad or bool(problem.params)
     if not (wanted and torch.is_grad_enabled()):
         with torch.no_grad():
@@ -188,14 +188,6 @@ def _kept_stages(tableau, time: bool) -> list[int]:
         j for j in range(s)
         if time or (tableau.fsal and j == s - 1) or any(tableau.a[i][j] != 0.0 for i in range(s))
     ]
-
-
-def _has_active_dropout(module: torch.nn.Module | None) -> bool:
-    if module is None:
-        return False
-    return any(
-        isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.training for m in module.modules()
-    )
 
 
 def _tensors(obj: Any) -> list[Tensor]:
@@ -478,21 +470,29 @@ class _Run:
         self.store = _Store()
         for n, kept in _unpack(self.template, saved).items():
             self.store.save(n, kept)
-        stats = problem.stats
-        phase = stats.get("_phase")
-        stats["_phase"] = "backward"
         try:
-            with restored_buffers(problem.module), torch.no_grad(), \
+            with backward_phase(problem), torch.no_grad(), \
                     _forked_rng(problem.y0.device, self.streams is not None):
                 result = _Backward(self, grad_ys, bool(needs_input_grad[2])).run()
         finally:
-            if phase is None:
-                stats.pop("_phase", None)
-            else:
-                stats["_phase"] = phase
-            stats["checkpoint_bytes"] = max(self.forward_peak, self.store.peak)
+            problem.stats["checkpoint_bytes"] = max(self.forward_peak, self.store.peak)
             self.store = None
         return result
+
+
+    def backward_with_graph(self, grad_ys: Tensor, needs) -> list[Tensor | None]:
+        """The gradients as a differentiable function of y0, t, the parameters and grad_ys:
+        the forward solve re-run under autograd and differentiated with create_graph
+        (gradients/second_order.py). Recorded random streams are replayed from the start, so
+        f sees the forward pass's dropout masks again."""
+        problem = self.problem
+        f = None
+        if self.streams is not None:
+            self.streams.count = 0
+            f = self.streams.recording(problem.f)
+        inputs = [problem.y0, problem.t, *problem.params]
+        with backward_phase(problem), _forked_rng(problem.y0.device, f is not None):
+            return differentiable_backward(problem, grad_ys, inputs, needs, f)
 
 
 class _Backward:
@@ -567,16 +567,23 @@ class _Backward:
         record = self.steps[n]
         return self.t[record.start_anchor] + record.start_offset
 
-    def retried(self, n: int, state: Tensor, carry: Any) -> Any:
+    def retried(
+        self, n: int, state: Tensor, carry: Any, graph: bool = False, t_n: Tensor | None = None
+    ) -> Any:
         """The carry step n's accepted attempt started from: the forward loop's rejected
-        attempts at t_n replayed without a graph (loop.replay_rejected). A solver whose retry
-        carry is the incoming one (explicit, reversible) gets `carry` back unchanged; an
-        implicit solver gets the refreshed Jacobian its retry used, so the replay is exact.
-        Rejected attempts of a stochastic f are replayed with fresh randomness."""
+        attempts at t_n replayed (loop.replay_rejected). A solver whose retry carry is the
+        incoming one (explicit) gets `carry` back unchanged; one whose retry carry is computed
+        in the attempt (the first stage f(t_n, z_n) of a reversible Runge–Kutta step) gets it
+        recomputed, with a graph back to `state` and the parameters when `graph` is set (the
+        replay that differentiates the step needs it: without it the carry's dependence on
+        the state would be dropped); an implicit solver gets the refreshed Jacobian its retry
+        used, so the replay is exact. Rejected attempts of a stochastic f are replayed with
+        fresh randomness. `t_n`: the step's time as the caller differentiates it."""
         if not self.steps[n].rejected:
             return carry
-        with torch.no_grad():
-            return replay_rejected(self.solver, self.f, self.t_n(n), self.steps[n], state, carry)
+        t_n = self.t_n(n) if t_n is None else t_n
+        with torch.enable_grad() if graph else torch.no_grad():
+            return replay_rejected(self.solver, self.f, t_n, self.steps[n], state, carry)
 
     def keyed(self, keys) -> Callable:
         streams = self.run_.streams
@@ -754,7 +761,7 @@ class _Backward:
                 carry_in = solver.init(f, t_in, state_in)
             else:
                 carry_in = _leaves(carry, carry_leaves)
-            carry_in = self.retried(n, state_in, carry_in)
+            carry_in = self.retried(n, state_in, carry_in, graph=True, t_n=t_in)
             step = solver.step(f, t_in, h_in, state_in, carry_in)
             outs, cots = [], []
             if self.lam is not None:
@@ -920,8 +927,9 @@ class _DiscreteAdjoint(torch.autograd.Function):
         return ys
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_ys: Tensor):
+        if graph_requested():  # double backward: §10 (a), see gradients/second_order.py
+            return (None, *ctx.run.backward_with_graph(grad_ys, ctx.needs_input_grad[1:]))
         y0_bar, t_bar, *param_bars = ctx.run.backward(
             grad_ys, ctx.saved_tensors, ctx.needs_input_grad
         )

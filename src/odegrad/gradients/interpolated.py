@@ -27,7 +27,6 @@ import warnings
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from ..control import scaled_error
 from ..errors import InvalidInputError
@@ -38,13 +37,16 @@ from .continuous import (
     AdjointSettings,
     adjoint_settings,
     backward_phase,
+    backward_with_graph,
+    check,
     last_step,
     state_bytes,
     sweep,
     time_gradient,
 )
+from .second_order import graph_requested
 
-__all__ = ["solve", "OPTIONS", "DEFAULT_N_NODES"]
+__all__ = ["solve", "check", "OPTIONS", "DEFAULT_N_NODES"]
 
 OPTIONS = ("n_nodes", *_ADJOINT_OPTIONS)
 DEFAULT_N_NODES = 16
@@ -58,7 +60,7 @@ def solve(problem: Problem, n_nodes: int = DEFAULT_N_NODES, **options) -> Tensor
     """The outputs y(t_i), stacked; differentiable w.r.t. y0, t and problem.params."""
     if isinstance(n_nodes, bool) or not isinstance(n_nodes, int) or n_nodes < 2:
         raise InvalidInputError(f"n_nodes must be an int >= 2, got {n_nodes!r}")
-    settings = adjoint_settings(problem, **options)
+    settings = adjoint_settings(problem, **options, interpolant=True)
     for key in ("n_steps_backward", "n_accepted_backward", "n_rejected_backward"):
         problem.stats.setdefault(key, 0)
     ys = _Interpolated.apply(problem, settings, n_nodes, problem.y0, problem.t, *problem.params)
@@ -151,9 +153,11 @@ class _Interpolated(torch.autograd.Function):
         return ys
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_ys: Tensor):
         problem: Problem = ctx.problem
+        if graph_requested():  # double backward: gradients/second_order.py
+            needs = ctx.needs_input_grad[3:]
+            return (None, None, None, *backward_with_graph(problem, grad_ys, needs))
         ys, interior = ctx.saved_tensors
         times = ctx.times
 

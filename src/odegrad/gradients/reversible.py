@@ -32,14 +32,14 @@ from dataclasses import replace
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from ..errors import InvalidInputError, ReversibleDriftWarning, UnsupportedCombinationError
-from ..problem import Problem, restored_buffers
+from ..problem import Problem, backward_phase, has_active_dropout
 from ..solvers import SOLVERS
 from ..solvers.explicit import ExplicitRungeKutta
 from ..solvers.reversible import LocalAdjoint, ReversibleRungeKutta, ReversibleSolver
 from ..tableaus import TABLEAUS
+from .second_order import differentiable_backward, graph_requested
 
 OPTIONS = ("coupling", "drift_tol")
 
@@ -47,10 +47,7 @@ OPTIONS = ("coupling", "drift_tol")
 def check(problem: Problem) -> None:
     """Only reversible schemes and explicit Runge–Kutta bases (wrapped) can be served."""
     solver = problem.solver
-    if problem.module is not None and any(
-        isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.training and m.p > 0
-        for m in problem.module.modules()
-    ):
+    if has_active_dropout(problem.module):
         raise UnsupportedCombinationError(
             "gradient='reversible' needs a deterministic f, but f has active dropout: the "
             "backward pass could not reconstruct the states; call f.eval() or use "
@@ -104,21 +101,18 @@ class _ReversibleSolve(torch.autograd.Function):
         return torch.stack(outputs)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_outputs: Tensor):
         problem = ctx.problem
+        if graph_requested():  # double backward: §10 (a), see gradients/second_order.py
+            inputs = [problem.t, problem.y0, *problem.params]
+            with backward_phase(problem):
+                grads = differentiable_backward(
+                    problem, grad_outputs, inputs, ctx.needs_input_grad[2:]
+                )
+            return None, None, *grads
         t, y0, *params = ctx.saved_tensors
-        stats = problem.stats
-        phase = stats.get("_phase")
-        stats["_phase"] = "backward"
-        try:
-            with torch.enable_grad(), restored_buffers(problem.module):
-                y0_bar, t_bar, param_bars = _backward(ctx, t, y0, params, grad_outputs)
-        finally:
-            if phase is None:
-                stats.pop("_phase", None)
-            else:
-                stats["_phase"] = phase
+        with backward_phase(problem), torch.enable_grad():
+            y0_bar, t_bar, param_bars = _backward(ctx, t, y0, params, grad_outputs)
         return None, None, t_bar, y0_bar, *param_bars
 
 
