@@ -142,11 +142,11 @@ def solve(
     )
     if problem.adaptive:
         _check_tolerances_positive(problem.rtol, problem.atol)
+    if gradient != "direct" and torch.is_grad_enabled():
+        problem.draws_random = probe_field(field_, y0_flat, t, params, gradient, module, key=f)
     check = getattr(gradient_module, "check", None)
     if check is not None:
         check(problem)
-    if gradient != "direct" and torch.is_grad_enabled():
-        check_params_cover_field(field_, y0_flat, t, params, gradient, module, key=f)
     stats["method"] = solver.name
     ys = gradient_module.solve(problem, **gradient_options)
     if is_tuple:
@@ -209,31 +209,32 @@ def _check_tolerances_positive(rtol: Tensor | float, atol: Tensor | float) -> No
         )
 
 
-def check_params_cover_field(f, y0: Tensor, t: Tensor, params: Sequence[Tensor],
-                             gradient: str, module: torch.nn.Module | None = None,
-                             key: object = None) -> None:
-    """Raise if f depends on a tensor that requires grad and is not reached through `params`.
+def probe_field(f, y0: Tensor, t: Tensor, params: Sequence[Tensor], gradient: str,
+                module: torch.nn.Module | None = None, key: object = None) -> bool:
+    """Check f once for what the custom gradient methods cannot see; returns whether f draws
+    random numbers (dropout, noise), which those methods must replay or refuse.
 
-    The custom gradient methods return gradients for y0, t and `params` only; a tensor that f
-    closes over and that is missing from params would silently get no gradient (direct
-    differentiates it). One evaluation of f under autograd at (t0, y0) is walked back to its
-    leaves; the walk stops at the params (and at the graph nodes of non-leaf params). A leaf
-    that f creates itself (e.g. a detached copy of y with requires_grad) is told apart by a
-    second evaluation, made only when the first finds candidates: f's own leaves are new
-    objects there, a captured tensor is the same one. The evaluations draw from forked random
-    streams and leave f's buffers as they were; a (key, params) pair that passed is not
-    checked again while `key` (the user's f) lives.
+    Raises if f depends on a tensor that requires grad and is not reached through `params`:
+    the custom gradient methods return gradients for y0, t and `params` only, so such a tensor
+    would silently get no gradient (direct differentiates it). One evaluation of f under
+    autograd at (t0, y0) is walked back to its leaves; the walk stops at the params (and at the
+    graph nodes of non-leaf params). A leaf that f creates itself (e.g. a detached copy of y
+    with requires_grad) is told apart by a second evaluation, made only when the first finds
+    candidates: f's own leaves are new objects there, a captured tensor is the same one. The
+    evaluations draw from forked random streams and leave f's buffers as they were. A (key,
+    params) pair that passed is not probed again while `key` (the user's f) lives.
     """
     ids = frozenset(id(p) for p in params)
     if key is not None:
         try:
-            if _COVERED.get(key) == ids:
-                return
-        except TypeError:  # f is not weak-referenceable or hashable: check every time
-            key = None
-    missing = _uncovered_leaves(f, y0, t, params, module)
+            cached = _PROBED.get(key)
+        except TypeError:  # f is not weak-referenceable or hashable: probe every time
+            key, cached = None, None
+        if cached is not None and cached[0] == ids:
+            return cached[1]
+    missing, draws_random = _uncovered_leaves(f, y0, t, params, module)
     if missing:
-        again = {id(v) for v in _uncovered_leaves(f, y0, t, params, module)}
+        again = {id(v) for v in _uncovered_leaves(f, y0, t, params, module)[0]}
         missing = [v for v in missing if id(v) in again]
     if missing:
         shapes = ", ".join(str(tuple(v.shape)) for v in missing[:5])
@@ -245,23 +246,30 @@ def check_params_cover_field(f, y0: Tensor, t: Tensor, params: Sequence[Tensor],
             "detach them / call requires_grad_(False) if they are constants"
         )
     if key is not None:
-        _COVERED[key] = ids
+        _PROBED[key] = (ids, draws_random)
+    return draws_random
 
 
-# f -> the ids of the params with which it passed `check_params_cover_field`.
-_COVERED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# f -> (the ids of the params it passed `probe_field` with, whether it draws random numbers).
+_PROBED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _uncovered_leaves(f, y0: Tensor, t: Tensor, params: Sequence[Tensor],
-                      module: torch.nn.Module | None) -> list[Tensor]:
+                      module: torch.nn.Module | None) -> tuple[list[Tensor], bool]:
     """The leaves requiring grad that one evaluation f(t0, y0) reaches without passing
-    through `params`."""
+    through `params`, and whether the evaluation advanced a random generator."""
     targets = {id(p) for p in params}
     stops = {p.grad_fn for p in params if p.grad_fn is not None}
+    generators = [torch.default_generator]
+    if y0.device.type == "cuda":
+        index = y0.device.index if y0.device.index is not None else torch.cuda.current_device()
+        generators.append(torch.cuda.default_generators[index])
     with torch.enable_grad(), restored_buffers(module), torch.random.fork_rng(
         devices=[y0.device] if y0.device.type == "cuda" else []
     ):
+        before = [g.get_state() for g in generators]
         out = f(t[0].detach(), y0.detach())
+        draws_random = any(not torch.equal(b, g.get_state()) for b, g in zip(before, generators))
     roots = [out.grad_fn] if isinstance(out, Tensor) and out.grad_fn is not None else []
     missing: list[Tensor] = []
     seen: set = set()
@@ -276,7 +284,7 @@ def _uncovered_leaves(f, y0: Tensor, t: Tensor, params: Sequence[Tensor],
                 missing.append(variable)
             continue
         roots.extend(next_node for next_node, _ in node.next_functions)
-    return missing
+    return missing, draws_random
 
 
 def _resolve_method(method: str) -> str:

@@ -36,6 +36,13 @@ class Problem:
     norm: Norm = rms_norm
     stats: dict = field(default_factory=dict)
     module: torch.nn.Module | None = None  # f's module, when f is one (for buffer handling)
+    # f was seen to draw random numbers (api.probe_field), e.g. dropout inside a closure.
+    draws_random: bool = False
+
+    def stochastic(self) -> bool:
+        """Whether f's value depends on random draws: active dropout in f's module, or random
+        numbers drawn by one probed evaluation of f."""
+        return self.draws_random or has_active_dropout(self.module)
 
     def integrate(self, y0: Tensor | None = None, on_step=None) -> tuple[list[Tensor], Trajectory]:
         """Run the forward loop with this problem's settings (grad mode as the caller has it)."""

@@ -33,7 +33,7 @@ from ..errors import (
     UnsupportedCombinationError,
 )
 from ..loop import integrate
-from ..problem import Problem, backward_phase, has_active_dropout, validate_tolerance
+from ..problem import Problem, backward_phase, validate_tolerance
 from ..solvers import make_solver
 from ..solvers.base import Solver
 from .second_order import differentiable_backward
@@ -129,11 +129,12 @@ def adjoint_settings(
 def check(problem: Problem) -> None:
     """The continuous adjoints re-evaluate f at new points in the backward pass: active dropout
     would draw masks the forward never used, a silently wrong gradient."""
-    if has_active_dropout(problem.module):
+    if problem.stochastic():
         raise UnsupportedCombinationError(
-            "gradient='backsolve' and 'interpolated' need a deterministic f, but f has active "
-            "dropout: the backward pass would draw new masks at every evaluation; call f.eval() "
-            "or use gradient='discrete' (which replays the forward pass's masks) or 'direct'"
+            "gradient='backsolve' and 'interpolated' need a deterministic f, but f draws random "
+            "numbers (active dropout or noise): the backward pass would draw new ones at every "
+            "evaluation; call f.eval() or use gradient='discrete' (which replays the forward "
+            "pass's draws) or 'direct'"
         )
 
 

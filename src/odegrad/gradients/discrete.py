@@ -30,8 +30,10 @@ and thins the states as if online with c = budget // (d bytes) from the start.
 
 Module state. Recomputations and VJPs re-run f. When f is an nn.Module, every buffer is
 restored after the backward pass to its value after the forward pass, so BatchNorm running
-statistics count the forward evaluations once, as with "direct". When f holds dropout in
-training mode (or `reproduce_rng=True`, for closures), every evaluation of f in the forward
+statistics count the forward evaluations once, as with "direct". When f draws random numbers
+(`Problem.stochastic`: dropout in training mode in f's module, or any draw seen when the API
+probed one evaluation of f, e.g. a closure over a module with dropout; or `reproduce_rng=True`),
+every evaluation of f in the forward
 pass draws from its own seed, and a re-run replays that seed, so it sees the same mask (the
 masks then differ from those of "direct"; the global random stream advances by one draw).
 f must not change its output through buffers it writes (BatchNorm in training mode uses batch
@@ -62,7 +64,7 @@ from ..checkpointing import (
 )
 from ..errors import InvalidInputError, UnknownNameError, UnsupportedCombinationError
 from ..loop import Trajectory, fixed_step_count, replay_rejected
-from ..problem import Problem, backward_phase, has_active_dropout
+from ..problem import Problem, backward_phase
 from ..solvers.base import Solver, Step
 from ..solvers.explicit import ExplicitRungeKutta, combine
 from .second_order import differentiable_backward, graph_requested
@@ -104,7 +106,7 @@ def solve(
     policy = resolve_policy(problem, checkpoints, memory_budget)
     problem.stats.update(checkpoint_bytes=0, n_recomputed_steps=0, checkpoints=policy.describe())
     if reproduce_rng is None:
-        reproduce_rng = has_active_dropout(problem.module)
+        reproduce_rng = problem.stochastic()
     wanted = problem.y0.requires_grad or problem.t.requires_grad or bool(problem.params)
     if not (wanted and torch.is_grad_enabled()):
         with torch.no_grad():

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from ..errors import InvalidInputError, ReversibleDriftWarning, UnsupportedCombinationError
-from ..problem import Problem, backward_phase, has_active_dropout
+from ..problem import Problem, backward_phase
 from ..solvers import SOLVERS
 from ..solvers.explicit import ExplicitRungeKutta
 from ..solvers.reversible import LocalAdjoint, ReversibleRungeKutta, ReversibleSolver
@@ -47,11 +47,11 @@ OPTIONS = ("coupling", "drift_tol")
 def check(problem: Problem) -> None:
     """Only reversible schemes and explicit Runge–Kutta bases (wrapped) can be served."""
     solver = problem.solver
-    if has_active_dropout(problem.module):
+    if problem.stochastic():
         raise UnsupportedCombinationError(
-            "gradient='reversible' needs a deterministic f, but f has active dropout: the "
-            "backward pass could not reconstruct the states; call f.eval() or use "
-            "gradient='discrete'"
+            "gradient='reversible' needs a deterministic f, but f draws random numbers (active "
+            "dropout or noise): the backward pass could not reconstruct the states; call "
+            "f.eval() or use gradient='discrete'"
         )
     if isinstance(solver, (ReversibleSolver, ExplicitRungeKutta)):
         return
