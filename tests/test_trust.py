@@ -76,12 +76,13 @@ def gradient_penalty(gradient, method="dopri5", tol=1e-8, **options):
     ("dopri5", "discrete", {"checkpoints": 2}),
     ("reversible_dopri5", "discrete", {}),
     ("reversible_dopri5", "reversible", {}),
-    ("alf", "reversible", {}),
-    ("reversible_heun", "reversible", {}),
+    ("alf", "reversible", {"tol": 1e-5}),
+    ("reversible_heun", "reversible", {"tol": 1e-5}),
 ])
 def test_gradient_penalty_equals_direct(method, gradient, options):
-    want = gradient_penalty("direct", method)
-    got = gradient_penalty(gradient, method, **options)
+    tol = options.pop("tol", 1e-8)
+    want = gradient_penalty("direct", method, tol=tol)
+    got = gradient_penalty(gradient, method, tol=tol, **options)
     for g, w in zip(got, want):
         assert rel(g, w) < 1e-9
 
@@ -102,7 +103,8 @@ def _six_parameter_loss(gradient, method="rk4", step=0.1):
     def loss(p):
         A, c = p[:4].reshape(2, 2), p[4:]
         ys = odegrad.odeint(lambda t, y: torch.tanh(y @ A.T) + c * t, torch.ones(2, dtype=DT),
-                            t, method=method, step_size=step, gradient=gradient, params=[A, c])
+                            t, method=method, step_size=step, adaptive=False, gradient=gradient,
+                            params=[A, c])
         return ys[1:].pow(2).sum()
 
     return loss

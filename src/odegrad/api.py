@@ -17,6 +17,7 @@ from .errors import (
     UnknownNameError,
     UnsupportedCombinationError,
 )
+from .gradients import gradient_options as gradient_option_names
 from .gradients import load_gradient
 from .loop import DEFAULT_MAX_STEPS
 from .problem import CountedField, Problem, TupleField, restored_buffers, validate_tolerance
@@ -377,15 +378,23 @@ def _tolerance(value, y0: Tensor, shapes, is_tuple: bool, name: str):
     return validate_tolerance(value, name, y0)
 
 
-def _split_options(method: str, gradient_module, options: dict) -> tuple[dict, dict, dict]:
-    """Route each option to the solver factory, the gradient method or the loop."""
-    factory = SOLVERS[method]
-    signature = inspect.signature(factory)
-    solver_names = {
+LOOP_OPTIONS = _LOOP_OPTIONS
+
+
+def method_options(method: str) -> set[str]:
+    """The option names the solver factory of `method` takes."""
+    signature = inspect.signature(SOLVERS[method])
+    return {
         name for name, p in signature.parameters.items()
         if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and name != "tableau"
     }
-    gradient_names = set(getattr(gradient_module, "OPTIONS", ()))
+
+
+def _split_options(method: str, gradient_module, options: dict) -> tuple[dict, dict, dict]:
+    """Route each option to the solver factory, the gradient method or the loop: each name
+    has one consumer for a given (method, gradient) pair (tests/test_guard.py checks it)."""
+    solver_names = method_options(method)
+    gradient_names = set(gradient_option_names(gradient_module, solver_names))
     solver_options, gradient_options, loop_options = {}, {}, {}
     for name, value in options.items():
         if name in _LOOP_OPTIONS:

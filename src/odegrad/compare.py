@@ -31,7 +31,6 @@ import ctypes.util
 import datetime
 import gc
 import json
-import math
 import os
 import platform
 import re
@@ -40,236 +39,48 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from .api import solve
+from .argtypes import output_file_problem
+from .compare_problems import (
+    DEFAULT_STEPS,
+    FIELD_GAIN,
+    REFERENCE_METHOD,
+    REFERENCE_TOL,
+    Config,
+    ConvField,
+    CountingField,
+    MLPField,
+    Setup,
+    build,
+    describe,
+    resolve,
+)
+from .compare_report import format_table, write_plot
 from .errors import InvalidInputError
 from .gradients import available_gradients, load_gradient
 from .loop import Trajectory, integrate
 from .peers import PEERS, Integration, peer_solve
 from .solvers import SOLVERS, make_solver
 
+__all__ = [
+    "Config", "MLPField", "ConvField", "CountingField", "Setup", "Row", "resolve", "build",
+    "describe", "plan_rows", "relative_error", "replay", "scheme_reference", "ode_reference",
+    "peak_memory", "measure", "measure_isolated", "run_compare", "format_table", "write_plot",
+    "add_arguments", "config_from_args", "run", "EXACT_GRADIENTS", "REFERENCE_METHOD",
+    "REFERENCE_TOL", "DEFAULT_STEPS", "FIELD_GAIN", "WORKER_TIMEOUT_S",
+]
+
 EXACT_GRADIENTS = ("direct", "discrete", "reversible")
-REFERENCE_METHOD = "dopri8"
-REFERENCE_TOL = 1e-12
-DEFAULT_STEPS = 20
 WORKER_TIMEOUT_S = 900
-FIELD_GAIN = 2.0  # weights ~ N(0, gain²/fan_in): nonlinear enough for ~15 dopri5 steps at 1e-6
 
-# ---- the problems ----------------------------------------------------------------------------
-
-
-def _time_like(t, y: Tensor, shape: tuple[int, ...]) -> Tensor:
-    """t (a number, a 0-dim tensor or one time per batch element) broadcast to `shape`."""
-    t = torch.as_tensor(t, dtype=y.dtype, device=y.device).reshape(-1)
-    return t.reshape(-1, *([1] * (len(shape) - 1))).expand(shape)
-
-
-class MLPField(nn.Module):
-    """f(t, y) = W₃ tanh(W₂ tanh(W₁ [y, t] + b₁) + b₂) + b₃: two tanh layers, t as an input."""
-
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.l1 = nn.Linear(dim + 1, hidden)
-        self.l2 = nn.Linear(hidden, hidden)
-        self.l3 = nn.Linear(hidden, dim)
-
-    def forward(self, t, y: Tensor) -> Tensor:
-        tt = _time_like(t, y, (y.shape[0], 1))
-        return self.l3(torch.tanh(self.l2(torch.tanh(self.l1(torch.cat([y, tt], dim=-1))))))
-
-
-class ConvField(nn.Module):
-    """The conv ODE block: two 3x3 convolutions with tanh between, t concatenated as a channel."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.c1 = nn.Conv2d(channels + 1, channels, 3, padding=1)
-        self.c2 = nn.Conv2d(channels + 1, channels, 3, padding=1)
-
-    def forward(self, t, y: Tensor) -> Tensor:
-        tt = _time_like(t, y, (y.shape[0], 1, *y.shape[2:]))
-        h = torch.tanh(self.c1(torch.cat([y, tt], dim=1)))
-        return self.c2(torch.cat([h, tt], dim=1))
-
-
-class CountingField(nn.Module):
-    """Counts f's evaluations in the forward and the backward phase (for the peers)."""
-
-    def __init__(self, field: nn.Module):
-        super().__init__()
-        self.field = field
-        self.phase = "forward"
-        self.counts = {"forward": 0, "backward": 0}
-
-    def forward(self, t, y: Tensor) -> Tensor:
-        self.counts[self.phase] += 1
-        return self.field(t, y)
-
-
-@dataclass
-class Config:
-    """One comparison: the problem, the integration and the measurement settings."""
-
-    problem: str = "mlp"
-    device: str = "auto"
-    dtype: str = "float64"
-    method: str = "dopri5"
-    steps: int | None = None  # fixed steps; None: adaptive when the method is
-    rtol: float = 1e-6
-    atol: float | None = None  # None: rtol
-    t_end: float = 1.0
-    batch: int | None = None
-    dim: int | None = None  # mlp: the state size; conv: the channels
-    hidden: int | None = None  # mlp: the hidden width
-    image: int | None = None  # conv: the image side
-    budget: int = 4  # the checkpoint budget of discrete's binomial policy
-    repeats: int = 3
-    seed: int = 0
-    gradients: list[str] | None = None  # None: every available one
-    peers: list[str] | None = None  # None: no peers; [] stands for all of them
-    isolate: bool = True
-    threads: int | None = None
-
-    @property
-    def fixed(self) -> bool:
-        return self.steps is not None
-
-    @property
-    def step_size(self) -> float | None:
-        return None if self.steps is None else self.t_end / self.steps
-
-
-_SIZES = {  # (batch, dim, hidden, image) per problem, on the CPU and on CUDA
-    ("mlp", "cpu"): (256, 32, 128, None), ("mlp", "cuda"): (1024, 64, 256, None),
-    ("conv", "cpu"): (16, 16, None, 16), ("conv", "cuda"): (128, 64, None, 16),
-}
-
-
-def resolve(config: Config) -> Config:
-    """Validate the configuration and fill the defaults that depend on the device."""
-    if config.problem not in ("mlp", "conv"):
-        raise InvalidInputError(f"--problem must be mlp or conv, got {config.problem!r}")
-    device = config.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        parsed = torch.device(device)
-    except RuntimeError:
-        raise InvalidInputError(
-            f"--device {device!r} is not a device (cpu, cuda, cuda:1)"
-        ) from None
-    if parsed.type not in ("cpu", "cuda"):
-        raise InvalidInputError(f"--device must be cpu or cuda, got {device!r}")
-    if parsed.type == "cuda" and not torch.cuda.is_available():
-        raise InvalidInputError("--device cuda: CUDA is not available on this machine")
-    if config.dtype not in ("float32", "float64"):
-        raise InvalidInputError(f"--dtype must be float32 or float64, got {config.dtype!r}")
-    if config.method not in SOLVERS:
-        raise InvalidInputError(
-            f"--method {config.method!r} is unknown; valid methods: {', '.join(sorted(SOLVERS))}"
-        )
-    steps = config.steps
-    if steps is not None and steps < 1:
-        raise InvalidInputError(f"--steps must be a positive integer, got {steps}")
-    if steps is None and not make_solver(config.method).adaptive:
-        steps = DEFAULT_STEPS
-    for name in ("rtol", "t_end"):
-        value = getattr(config, name)
-        if not (math.isfinite(value) and value > 0):
-            raise InvalidInputError(f"--{name.replace('_', '-')} must be positive, got {value}")
-    atol = config.rtol if config.atol is None else config.atol
-    if not (math.isfinite(atol) and atol >= 0):
-        raise InvalidInputError(f"--atol must be non-negative, got {atol}")
-    for name in ("repeats", "budget", "threads"):
-        if getattr(config, name) is not None and getattr(config, name) < 1:
-            raise InvalidInputError(f"--{name} must be at least 1, got {getattr(config, name)}")
-    present = available_gradients()
-    if config.gradients is not None:
-        unknown = [g for g in config.gradients if g not in present]
-        if unknown:
-            raise InvalidInputError(
-                f"--gradients: {', '.join(unknown)} not available; available: {', '.join(present)}"
-            )
-    peers = config.peers
-    if peers is not None:
-        unknown = [p for p in peers if p not in PEERS]
-        if unknown:
-            raise InvalidInputError(
-                f"--peers: unknown {', '.join(unknown)}; valid peers: {', '.join(PEERS)}"
-            )
-        peers = list(peers) or list(PEERS)
-    batch, dim, hidden, image = _SIZES[(config.problem, parsed.type)]
-    sizes = {"batch": config.batch or batch, "dim": config.dim or dim,
-             "hidden": config.hidden or hidden, "image": config.image or image}
-    for name, value in sizes.items():
-        if value is not None and value < 1:
-            raise InvalidInputError(f"--{name} must be at least 1, got {value}")
-    return replace(
-        config, device=str(parsed), steps=steps, atol=atol, peers=peers,
-        threads=config.threads or (1 if parsed.type == "cpu" else torch.get_num_threads()),
-        **sizes,
-    )
-
-
-@dataclass
-class Setup:
-    """The problem's tensors: f, y0, the output times and the loss weights w."""
-
-    field: nn.Module
-    y0: Tensor
-    t: Tensor
-    weight: Tensor
-
-    def params(self) -> list[Tensor]:
-        return list(self.field.parameters())
-
-    def loss(self, y_end: Tensor) -> Tensor:
-        return (self.weight * y_end).sum()
-
-
-def build(config: Config, dtype: torch.dtype | None = None) -> Setup:
-    """The seeded problem: built in float32 and cast, so float32 and float64 share it exactly."""
-    generator = torch.Generator().manual_seed(config.seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
-        if config.problem == "mlp":
-            field_ = MLPField(config.dim, config.hidden)
-            shape = (config.batch, config.dim)
-        else:
-            field_ = ConvField(config.dim)
-            shape = (config.batch, config.dim, config.image, config.image)
-        for layer in field_.modules():
-            if isinstance(layer, (nn.Linear, nn.Conv2d)):
-                fan_in = layer.weight[0].numel()
-                nn.init.normal_(layer.weight, 0.0, FIELD_GAIN / math.sqrt(fan_in))
-    y0 = torch.randn(shape, generator=generator)
-    weight = torch.randn(shape, generator=generator) / math.sqrt(y0.numel())
-    dtype = dtype or getattr(torch, config.dtype)
-    device = torch.device(config.device)
-    field_ = field_.to(device=device, dtype=dtype)
-    t = torch.tensor([0.0, config.t_end], dtype=torch.float32).to(device=device, dtype=dtype)
-    y0, weight = y0.to(device=device, dtype=dtype), weight.to(device=device, dtype=dtype)
-    return Setup(field_, y0, t, weight)
-
-
-def describe(config: Config) -> str:
-    if config.problem == "mlp":
-        what = (f"mlp field (state {config.dim}, hidden {config.hidden}, two tanh layers, t as "
-                f"an input), batch {config.batch}")
-    else:
-        what = (f"conv block ({config.dim} channels, {config.image}x{config.image}, two 3x3 "
-                f"convolutions, tanh, t as a channel), batch {config.batch}")
-    if config.fixed:
-        how = f"{config.method}, {config.steps} fixed steps"
-    else:
-        how = f"{config.method}, adaptive, rtol={config.rtol:g} atol={config.atol:g}"
-    return f"{what}; t in [0, {config.t_end:g}]; {how}; {config.dtype} on {config.device}"
-
+# The problems (the fields, Config, resolve, build) are in compare_problems; the table and the
+# figure in compare_report.
 
 # ---- the rows --------------------------------------------------------------------------------
 
@@ -658,121 +469,60 @@ def _run_rows(config: Config, rows: list[Row], schemes: list[str], references: d
                 bar.update()
 
 
-# ---- output ----------------------------------------------------------------------------------
-
-
-def _ms(value) -> str:
-    return "-" if value is None else f"{value:.1f}"
-
-
-def _mb(value) -> str:
-    return "-" if value is None else f"{value / 2**20:.1f}"
-
-
-def _err(value) -> str:
-    if value is None:
-        return "-"
-    return "0" if value == 0.0 else f"{value:.1e}"
-
-
-def _count(value) -> str:
-    return "-" if value is None else str(value)
-
-
-def format_table(report: dict) -> str:
-    """The report as the text table `odegrad compare` prints."""
-    meta, config = report["meta"], report["config"]
-    header = ("gradient", "solver", "fwd ms", "f+b ms", "peak MB", "ckpt MB", "NFE f", "NFE b",
-              "err scheme", "err ODE")
-    lines = [f"odegrad compare: {meta['problem']}",
-             f"device: {meta['device']} (threads: {meta['threads']}), torch {meta['torch']}; "
-             f"times: median of {config['repeats']} forward+backward runs",
-             ""]
-    widths = (26, 18, 8, 8, 8, 8, 6, 6, 10, 9)
-
-    def line(cells) -> str:
-        out = [f"{cells[0]:<{widths[0]}}", f"{cells[1]:<{widths[1]}}"]
-        out += [f"{c:>{w}}" for c, w in zip(cells[2:], widths[2:])]
-        return " ".join(out).rstrip()
-
-    lines.append(line(header))
-    lines.append("-" * (sum(widths) + len(widths) - 1))
-    for r in report["rows"]:
-        if r.get("error"):
-            message = r["error"].splitlines()[0] if r["error"] else ""
-            if len(message) > 120:
-                message = message[:117] + "..."
-            lines.append(f"{r['label']:<{widths[0]}} {r['solver']:<{widths[1]}} error: {message}")
-            continue
-        lines.append(line((
-            r["label"], r["solver"], _ms(r.get("forward_ms")), _ms(r.get("total_ms")),
-            _mb(r.get("peak_bytes")), _mb(r.get("checkpoint_bytes")),
-            _count(r.get("nfe_forward")), _count(r.get("nfe_backward")),
-            _err(r.get("err_scheme")), _err(r.get("err_ode")),
-        )))
-    memory = next((r["memory"] for r in report["rows"] if r.get("memory")), "-")
-    lines += [
-        "",
-        "err scheme: vs the exact float64 gradient of the same scheme and steps (exact methods: "
-        "round-off)",
-        f"err ODE: vs the float64 gradient of the exact solution ({REFERENCE_METHOD}, "
-        f"rtol=atol={REFERENCE_TOL:g}) (continuous adjoints: tolerance-sized)",
-        f"peak MB: {memory}, above what was resident before the run"
-        + ("; each method in its own process" if meta["isolated"] else "; in one process"),
-    ]
-    for name, error in meta.get("reference_errors", {}).items():
-        lines.append(f"reference {name} failed: {error}")
-    return "\n".join(lines)
-
-
-def write_plot(report: dict, path: str) -> None:
-    """Time and memory bars and the gradient errors on a log scale, as an image file."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [r for r in report["rows"] if not r.get("error")]
-    labels = [r["label"] for r in rows]
-    ypos = range(len(rows))
-    fig, axes = plt.subplots(1, 3, figsize=(15, 0.45 * len(rows) + 2.0), sharey=True)
-    total = [r.get("total_ms") or 0.0 for r in rows]
-    forward = [r.get("forward_ms") or 0.0 for r in rows]
-    axes[0].barh(ypos, total, color="tab:blue", label="forward+backward")
-    axes[0].barh(ypos, forward, color="tab:cyan", label="forward")
-    axes[0].set_xlabel("time per run (ms, median)")
-    axes[0].legend(loc="best", fontsize="small")
-    peak = [(r.get("peak_bytes") or 0) / 2**20 for r in rows]
-    axes[1].barh(ypos, peak, color="tab:orange")
-    axes[1].set_xlabel("peak memory (MB)")
-    floor = 1e-17
-    for offset, key, color, name in ((-0.2, "err_scheme", "tab:green", "vs scheme"),
-                                     (0.2, "err_ode", "tab:red", "vs ODE")):
-        values = [max(r.get(key) or 0.0, floor) if r.get(key) is not None else 0.0 for r in rows]
-        axes[2].barh([y + offset for y in ypos], values, height=0.4, color=color, label=name,
-                     left=floor)
-        for y, r in zip(ypos, rows):
-            if r.get(key) == 0.0:
-                axes[2].text(floor * 3, y + offset, "0 (the reference itself)", va="center",
-                             fontsize="x-small")
-    axes[2].set_xscale("log")
-    axes[2].set_xlim(left=floor)
-    axes[2].set_xlabel("relative gradient error")
-    axes[2].legend(loc="best", fontsize="small")
-    axes[0].set_yticks(list(ypos))
-    axes[0].set_yticklabels(labels)
-    axes[0].invert_yaxis()
-    fig.suptitle(report["meta"]["problem"], fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
 # ---- the command line ------------------------------------------------------------------------
 
 
 def _names(text: str) -> list[str]:
     return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def _gradient_names(text: str) -> list[str]:
+    names = _names(text)
+    if not names:  # not "every gradient": that is the default, without --gradients
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated gradient methods, got {text!r}; available: "
+            f"{', '.join(available_gradients())}")
+    return names
+
+
+def _peer_names(text: str) -> list[str]:
+    names = _names(text)
+    if not names:  # not "every peer": that is --peers alone
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated peers, got {text!r} (--peers alone runs all of them); "
+            f"valid peers: {', '.join(PEERS)}")
+    return names
+
+
+def _plot_format_problem(path: str) -> str | None:
+    """Why matplotlib cannot write a figure named `path`, or None (no suffix: its png)."""
+    suffix = Path(path).suffix.lstrip(".").lower()
+    if not suffix:
+        return None
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if suffix not in formats:
+        return f"matplotlib cannot write .{suffix} files; formats: {', '.join(sorted(formats))}"
+    return None
+
+
+def output_problems(args: argparse.Namespace) -> list[str]:
+    """What is wrong with --json and --plot, checked before the run rather than after it."""
+    problems = []
+    for option in ("json", "plot"):
+        path = getattr(args, option, None)
+        if path is None:
+            continue
+        problem = output_file_problem(path)
+        if problem is None and option == "plot":
+            problem = _plot_format_problem(path)
+        if problem is not None:
+            problems.append(f"--{option} {path or repr(path)}: {problem}")
+    if (not problems and args.json is not None and args.plot is not None
+            and os.path.realpath(args.json) == os.path.realpath(args.plot)):
+        problems.append(f"--json and --plot name the same file, {args.json}")
+    return problems
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -796,9 +546,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--image", type=int, default=None, help="conv image side (16)")
     add("--budget", type=int, default=4, help="discrete's binomial checkpoint budget (4)")
     add("--repeats", type=int, default=3, help="timed runs per method, median reported (3)")
-    add("--gradients", type=_names, default=None,
+    add("--gradients", type=_gradient_names, default=None,
         help="comma-separated gradient methods (default: every available one)")
-    add("--peers", nargs="?", const=[], default=None, type=_names,
+    add("--peers", nargs="?", const=[], default=None, type=_peer_names,
         help="also run the peers, all or a comma-separated list of: " + ", ".join(PEERS))
     add("--in-process", dest="isolate", action="store_false",
         help="run every method in this process (faster; the CPU memory peaks are less clean)")
@@ -806,7 +556,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--plot", metavar="FILE", default=None, help="write a figure (png, svg, pdf)")
     add("--no-progress", dest="progress", action="store_false", default=None,
         help="no progress bar")
-    add("--seed", type=int, default=0, help="seed of the problem (0)")
+    add("--seed", type=int, default=0, help="seed of the problem, in [0, 2**63 - 1] (0)")
     add("--threads", type=int, default=None,
         help="torch CPU threads (default 1: reproducible timings, and no oversubscription "
              "when other processes share the cores)")
@@ -819,22 +569,34 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 def run(args: argparse.Namespace) -> int:
     """Run the comparison, print the table, write the JSON and the figure when asked."""
-    for option in ("json", "plot"):
-        path = getattr(args, option)
-        if path is not None and not Path(path).resolve().parent.is_dir():
-            print(f"odegrad compare: error: --{option} {path}: the directory does not exist",
-                  file=sys.stderr)
-            return 2
+    problems = output_problems(args)
+    if problems:
+        for problem in problems:
+            print(f"odegrad compare: error: {problem}", file=sys.stderr)
+        return 2
     try:
         report = run_compare(config_from_args(args), progress=args.progress)
     except InvalidInputError as error:
         print(f"odegrad compare: error: {error}", file=sys.stderr)
         return 2
     print(format_table(report))
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
-        print(f"wrote {args.json}")
-    if args.plot:
-        write_plot(report, args.plot)
-        print(f"wrote {args.plot}")
+    return _write_outputs(report, args)
+
+
+def _write_outputs(report: dict, args: argparse.Namespace) -> int:
+    """Write --json and --plot; 1, with a message, if one cannot be written after all."""
+    for option in ("json", "plot"):
+        path = getattr(args, option)
+        if path is None:
+            continue
+        try:
+            if option == "json":
+                Path(path).write_text(json.dumps(report, indent=2))
+            else:
+                write_plot(report, path)
+        except (OSError, ValueError, RuntimeError) as error:  # e.g. a full disk; pgf: no LaTeX
+            print(f"odegrad compare: error: --{option} {path}: cannot write it: "
+                  f"{type(error).__name__}: {error}", file=sys.stderr)
+            return 1
+        print(f"wrote {path}")
     return 0

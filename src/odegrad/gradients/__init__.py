@@ -1,7 +1,8 @@
 """Gradient methods, by name: each module exposes `solve(problem, **options) -> Tensor`.
 
 A module may also expose `check(problem)`, raising UnsupportedCombinationError when it cannot
-serve the problem's solver, and `OPTIONS`, the option names it takes.
+serve the problem's solver, `OPTIONS`, the option names it takes, and `options_for(names)`, the
+subset it takes next to a method whose own options are `names` (default: all of OPTIONS).
 """
 
 from __future__ import annotations
@@ -35,3 +36,11 @@ def load_gradient(name: str) -> ModuleType:
     if name not in valid:
         raise UnknownNameError(f"unknown gradient {name!r}; valid gradients: {', '.join(valid)}")
     return importlib.import_module(GRADIENT_MODULES[name])
+
+
+def gradient_options(module: ModuleType, method_options: set[str]) -> tuple[str, ...]:
+    """The option names gradient `module` consumes next to a method taking `method_options`."""
+    options_for = getattr(module, "options_for", None)
+    if options_for is not None:
+        return tuple(options_for(method_options))
+    return tuple(getattr(module, "OPTIONS", ()))

@@ -44,6 +44,13 @@ from .second_order import differentiable_backward, graph_requested
 OPTIONS = ("coupling", "drift_tol")
 
 
+def options_for(method_options: set[str]) -> tuple[str, ...]:
+    """The options this gradient takes next to a method taking `method_options`: `coupling=`
+    belongs to a reversible_<base> method itself, so it is the gradient's only when it wraps a
+    plain explicit method (one consumer per option name for every (method, gradient) pair)."""
+    return tuple(name for name in OPTIONS if name not in method_options)
+
+
 def check(problem: Problem) -> None:
     """Only reversible schemes and explicit Runge–Kutta bases (wrapped) can be served."""
     solver = problem.solver
@@ -79,6 +86,7 @@ def solve(
             f"reversible already (give its own options, e.g. eta= for alf)"
         )
     problem = replace(problem, solver=solver)
+    problem.stats["method"] = solver.name
     return _ReversibleSolve.apply(problem, drift_tol, problem.t, problem.y0, *problem.params)
 
 
