@@ -1,0 +1,185 @@
+"""The guard: every (method, gradient, checkpoints) the API accepts, read from the registries, so
+a new method or gradient joins by construction.
+
+On a small float64 field that depends on t, with outputs inside steps and, for adaptive methods,
+a first step large enough to be rejected, each combination must either raise a clear
+UnsupportedCombinationError or give:
+- exact methods (discrete, every checkpoint policy; reversible): direct's gradient through the
+  same scheme (the one the solve reports in stats["method"]) to 1e-10, and direct's
+  Hessian-vector product to 1e-9;
+- continuous adjoints (backsolve, interpolated): a gradient that converges to the exact one as
+  the tolerance (or the step) shrinks, and an HVP that converges with it;
+and every method's direct gradient agrees with central finite differences. Every option name
+has exactly one consumer for every (method, gradient) pair.
+"""
+
+import inspect
+
+import pytest
+import torch
+
+import odegrad
+from odegrad.api import LOOP_OPTIONS, method_options
+from odegrad.gradients import gradient_options, load_gradient
+from odegrad.solvers import SOLVERS, make_solver
+
+# Euler-order dense output through 16 nodes trips the interpolant's accuracy warning here; the
+# convergence check below is what matters.
+pytestmark = pytest.mark.filterwarnings("ignore:gradient='interpolated'")
+
+DT = torch.float64
+METHODS = sorted(SOLVERS)
+GRADIENTS = list(odegrad.GRADIENTS)
+CHECKPOINTS = {"discrete": ["all", "solution", 2]}
+EXACT = {"direct", "discrete", "reversible"}
+CONTINUOUS = {"backsolve", "interpolated"}
+T = torch.tensor([0.0, 0.37, 0.81, 1.2], dtype=DT)  # outputs inside steps
+FIXED_STEP = 0.1
+ADAPTIVE_TOL = {1: 1e-3, 2: 1e-4, 3: 1e-5, 4: 1e-6, 5: 1e-7}  # by order
+FIRST_STEP = 0.9  # rejected at ADAPTIVE_TOL by every adaptive method
+
+
+def combinations():
+    for method in METHODS:
+        for gradient in GRADIENTS:
+            for checkpoints in CHECKPOINTS.get(gradient, [None]):
+                yield method, gradient, checkpoints
+
+
+def test_the_enumeration_reads_the_registries():
+    assert set(METHODS) == set(odegrad.METHODS)
+    assert {"direct", "discrete", "backsolve", "interpolated", "reversible"} <= set(GRADIENTS)
+    assert len(list(combinations())) == len(METHODS) * (len(GRADIENTS) + 2)
+
+
+class Field(torch.nn.Module):
+    """A tanh field with a t-dependent bias: f(t, y) = W2 tanh(W1 y + b t) − 0.3 y."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(3)
+        self.w1 = torch.nn.Parameter(0.6 * torch.randn(4, 2, generator=g, dtype=DT))
+        self.b = torch.nn.Parameter(torch.randn(4, generator=g, dtype=DT))
+        self.w2 = torch.nn.Parameter(0.6 * torch.randn(2, 4, generator=g, dtype=DT))
+
+    def forward(self, t, y):
+        return torch.tanh(y @ self.w1.T + t * self.b) @ self.w2.T - 0.3 * y
+
+
+def settings(method: str, refine: int = 1) -> dict:
+    """Adaptive methods: a tolerance their order reaches in a few dozen steps, and a rejected
+    first step; fixed ones: the step. `refine` tightens both (for the convergence of the
+    continuous adjoints)."""
+    solver = make_solver(method)
+    if solver.adaptive:
+        tol = ADAPTIVE_TOL[min(solver.order, 5)] / 10 ** (refine - 1)
+        return {"rtol": tol, "atol": tol, "step_size": FIRST_STEP}
+    return {"step_size": FIXED_STEP / 2 ** (refine - 1)}
+
+
+def run(method, gradient, checkpoints=None, refine=1, field=None, y0=None, **extra):
+    field = Field() if field is None else field
+    y0 = torch.tensor([[0.5, -0.4], [0.1, 0.8]], dtype=DT) if y0 is None else y0
+    y0 = y0.clone().requires_grad_()
+    options = settings(method, refine) | extra
+    if checkpoints is not None:
+        options["checkpoints"] = checkpoints
+    sol = odegrad.solve(field, y0, T, method=method, gradient=gradient, **options)
+    loss = sol.ys[1:].pow(2).sum() + sol.ys[-1, :, 0].sin().sum()
+    params = [y0, *field.parameters()]
+    grads = torch.autograd.grad(loss, params, create_graph=True)
+    direction = [torch.linspace(-1, 1, p.numel(), dtype=DT).reshape(p.shape) for p in params]
+    hvp = torch.autograd.grad(sum((g * v).sum() for g, v in zip(grads, direction)), params)
+    flat = torch.cat([g.detach().reshape(-1) for g in grads])
+    return sol, flat, torch.cat([h.reshape(-1) for h in hvp])
+
+
+def rel(a, b):
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
+
+
+def exact_gradient():
+    """The gradient of the ODE itself: direct through dopri5 at 1e-12."""
+    _, grad, hvp = run("dopri5", "direct", rtol=1e-12, atol=1e-12, step_size=None)
+    return grad, hvp
+
+
+_EXACT = {}
+
+
+@pytest.mark.parametrize("method, gradient, checkpoints", list(combinations()))
+def test_combination(method, gradient, checkpoints):
+    try:
+        sol, grad, hvp = run(method, gradient, checkpoints)
+    except odegrad.UnsupportedCombinationError as error:
+        # refused: the message must say what to use instead
+        assert gradient in str(error) and ("valid" in str(error) or "use" in str(error))
+        assert gradient != "direct"  # direct serves every method
+        return
+    if make_solver(method).adaptive:
+        assert sol.stats["n_rejected"] > 0, "the guard needs a rejected step here"
+    if gradient in EXACT:
+        scheme = sol.stats.get("method", method)
+        _, want, want_hvp = run(scheme, "direct")
+        assert rel(grad, want) < 1e-10
+        assert rel(hvp, want_hvp) < 1e-9
+        return
+    assert gradient in CONTINUOUS, f"new gradient {gradient!r}: add it to EXACT or CONTINUOUS"
+    if "exact" not in _EXACT:
+        _EXACT["exact"] = exact_gradient()
+    exact, exact_hvp = _EXACT["exact"]
+    error = rel(grad, exact)
+    _, fine, fine_hvp = run(method, gradient, checkpoints, refine=2)
+    fine_error = rel(fine, exact)
+    # converges with the tolerance: the finer solve is closer, or already at round-off
+    assert fine_error < 0.75 * error or fine_error < 1e-9, (error, fine_error)
+    assert rel(fine_hvp, exact_hvp) < max(20 * fine_error, 1e-6)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_direct_gradient_agrees_with_finite_differences(method):
+    """Fixed steps (so the steps do not move under the perturbation) and one entry of each
+    parameter: central differences at ε = 1e-6 against autograd."""
+    field = Field()
+    y0 = torch.tensor([[0.5, -0.4]], dtype=DT)
+    options = {"step_size": 0.2, "adaptive": False}
+
+    def loss():
+        ys = odegrad.odeint(field, y0, T, method=method, **options)
+        return ys[1:].pow(2).sum()
+
+    value = loss()
+    grads = torch.autograd.grad(value, list(field.parameters()))
+    eps = 1e-6
+    with torch.no_grad():
+        for p, g in zip(field.parameters(), grads):
+            entry = (0,) * p.dim()
+            p[entry] += eps
+            up = loss()
+            p[entry] -= 2 * eps
+            down = loss()
+            p[entry] += eps
+            fd = (up - down) / (2 * eps)
+            assert abs(float(fd - g[entry])) < 1e-6 * max(1.0, abs(float(fd)))
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("gradient", GRADIENTS)
+def test_every_option_name_has_one_consumer(method, gradient):
+    solver_names = method_options(method)
+    module = load_gradient(gradient)
+    gradient_names = set(gradient_options(module, solver_names))
+    assert not solver_names & gradient_names
+    assert not (solver_names | gradient_names) & set(LOOP_OPTIONS)
+    # and the API routes a misspelt name to nobody
+    with pytest.raises(odegrad.UnknownNameError, match="valid options"):
+        odegrad.solve(lambda t, y: -y, torch.ones(1, dtype=DT), T, method=method,
+                      gradient=gradient, **settings(method), no_such_option=1)
+
+
+def test_every_gradient_module_declares_its_options():
+    for gradient in GRADIENTS:
+        module = load_gradient(gradient)
+        declared = set(getattr(module, "OPTIONS", ()))
+        accepted = set(inspect.signature(module.solve).parameters) - {"problem", "options"}
+        assert accepted <= declared | {"checkpoints"}, gradient
