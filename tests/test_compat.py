@@ -1,12 +1,54 @@
-"""odegrad.compat.torchdiffeq: torchdiffeq's signatures, options and method names."""
+"""odegrad.compat.torchdiffeq: torchdiffeq 0.2.5's signatures, options, defaults and methods.
+
+The central check (`test_every_torchdiffeq_name_is_honoured_or_raises`) lists every keyword and
+every options= / adjoint_options= key torchdiffeq 0.2.5 accepts and runs, for each, a case that
+either shows its effect (against real torchdiffeq when it is installed) or expects an error that
+names it: no option may be dropped without a word.
+"""
+
+import math
+import warnings
 
 import pytest
 import torch
 
+import odegrad
 import odegrad.compat.torchdiffeq as compat
 from odegrad.errors import InvalidInputError, MaxStepsExceededError, UnknownNameError
 
 DT = torch.float64
+
+# torchdiffeq 0.2.5 (commit a88aac5, the "upd version" commit of 21 Nov 2024, identical to the
+# PyPI wheel): the keywords of odeint (torchdiffeq/_impl/odeint.py) and odeint_adjoint
+# (torchdiffeq/_impl/adjoint.py) ...
+TORCHDIFFEQ_KEYWORDS = [
+    "rtol", "atol", "method", "options", "event_fn",
+    "adjoint_rtol", "adjoint_atol", "adjoint_method", "adjoint_options", "adjoint_params",
+]
+# ... every options= key one of its solvers takes: FixedGridODESolver.__init__ (solvers.py),
+# AdamsBashforthMoulton.__init__ (fixed_adams.py), RKAdaptiveStepsizeODESolver.__init__
+# (rk_common.py), ScipyWrapperODESolver.__init__ (scipy_wrapper.py, which also pops grid_points
+# and eps); norm is set by misc._check_inputs. adjoint_options takes the same keys.
+TORCHDIFFEQ_OPTIONS = [
+    "step_size", "grid_constructor", "interp", "perturb",
+    "implicit", "max_iters", "max_order",
+    "min_step", "max_step", "first_step", "step_t", "jump_t", "safety", "ifactor", "dfactor",
+    "max_num_steps", "dtype", "norm",
+    "solver", "grid_points", "eps",
+]
+# ... its methods (odeint.py SOLVERS) and the step callbacks it looks up on func (misc.py).
+TORCHDIFFEQ_METHODS = [
+    "dopri8", "dopri5", "bosh3", "fehlberg2", "adaptive_heun", "euler", "midpoint", "heun2",
+    "heun3", "rk4", "explicit_adams", "implicit_adams", "fixed_adams", "scipy_solver",
+]
+TORCHDIFFEQ_CALLBACKS = [
+    "callback_step", "callback_accept_step", "callback_reject_step",
+    "callback_step_adjoint", "callback_accept_step_adjoint", "callback_reject_step_adjoint",
+]
+
+
+def torchdiffeq_or_skip():
+    return pytest.importorskip("torchdiffeq")
 
 
 class Field(torch.nn.Module):
@@ -15,24 +57,435 @@ class Field(torch.nn.Module):
         self.linear = torch.nn.Linear(2, 2).double()
 
     def forward(self, t, y):
-        return torch.tanh(self.linear(y))
+        return torch.tanh(self.linear(y)) * torch.cos(t)
 
 
-def test_odeint_matches_torchdiffeq():
-    torchdiffeq = pytest.importorskip("torchdiffeq")
+class Counted:
+    """f(t, y) = -y + sin(t), recording the times it is called at."""
+
+    def __init__(self, jump=None):
+        self.times = []
+        self.jump = jump
+
+    def __call__(self, t, y):
+        self.times.append(float(t.detach()))
+        if self.jump is not None:
+            return -0.5 * y if t < self.jump else y**2
+        return -y + torch.sin(t)
+
+
+Y0 = torch.tensor([1.0, 2.0], dtype=DT)
+T2 = torch.tensor([0.0, 1.0], dtype=DT)
+T7 = torch.linspace(0.0, 1.0, 7, dtype=DT)  # output times between the points of a 0.1 grid
+
+
+def both(call, **kwargs):
+    """call(library, **kwargs) for the shim and for real torchdiffeq."""
+    torchdiffeq = torchdiffeq_or_skip()
+    return call(compat, **kwargs), call(torchdiffeq, **kwargs)
+
+
+def close(a, b, tol):
+    return float((a - b).abs().max()) <= tol
+
+
+def adjoint_gradient(library, field, y0=Y0, t=T2, **kwargs):
+    field.zero_grad()
+    y = y0.clone().requires_grad_()
+    ys = library.odeint_adjoint(field, y, t, **kwargs)
+    (ys * torch.linspace(1, 2, ys.numel(), dtype=DT).view_as(ys)).sum().backward()
+    grads = [y.grad] + [torch.zeros_like(p) if p.grad is None else p.grad.clone()
+                        for p in field.parameters()]
+    return torch.cat([g.reshape(-1) for g in grads])
+
+
+def shared_field():
     field = Field()
-    y0 = torch.randn(3, 2, dtype=DT)
-    t = torch.linspace(0.0, 1.0, 4, dtype=DT)
-    ours = compat.odeint(field, y0, t, rtol=1e-10, atol=1e-10)
-    theirs = torchdiffeq.odeint(field, y0, t, rtol=1e-10, atol=1e-10)
-    assert (ours - theirs).abs().max() < 1e-8
-    reference = ours
-    ours = compat.odeint(field, y0, t, method="rk4", options=dict(step_size=0.1))
-    theirs = torchdiffeq.odeint(field, y0, t, method="rk4", options=dict(step_size=0.1))
-    # The same steps land on t = 1 (torchdiffeq's "rk4" is the 3/8-rule variant: O(h^5) apart).
-    assert (ours[-1] - theirs[-1]).abs().max() < 1e-7
-    # Between grid points torchdiffeq interpolates linearly, odegrad with RK4's own dense output.
-    assert (ours - reference).abs().max() < 0.1 * (theirs - reference).abs().max()
+    return field
+
+
+# ---- one case per name ------------------------------------------------------------------------
+# Each case is a function that checks the name's effect or that it raises; CASES maps every
+# torchdiffeq name to its cases, and the meta-test below checks none is missing.
+
+
+def case_rtol_atol():
+    f = Counted()
+    loose, loose_ref = both(lambda lib: lib.odeint(f, Y0, T7, rtol=1e-3, atol=1e-3))
+    tight = compat.odeint(f, Y0, T7)
+    assert not close(loose, tight, 1e-7)  # the tolerances take effect ...
+    assert close(loose, loose_ref, 1e-2)  # ... with torchdiffeq's meaning
+    rtol = torch.tensor([1e-3, 1e-9], dtype=DT)  # per-component tolerances
+    ours, theirs = both(lambda lib: lib.odeint(f, Y0, T7, rtol=rtol, atol=1e-9))
+    assert close(ours, theirs, 1e-2)
+    # one tolerance per tensor of a tuple state
+    pair = (Y0[:1].clone(), Y0[1:].clone())
+    g = lambda t, y: (-y[0], -y[1])  # noqa: E731
+    ours, theirs = both(lambda lib: lib.odeint(g, pair, T7, rtol=(1e-3, 1e-9), atol=(1e-3, 1e-9)))
+    assert close(ours[1], theirs[1], 1e-6) and close(ours[0], theirs[0], 1e-2)
+
+
+def case_method():
+    for method, pattern in (("rk4", "3/8 rule"), ("heun3", "heun3"), ("fehlberg2", "Fehlberg"),
+                            ("explicit_adams", "Adams"), ("implicit_adams", "Adams"),
+                            ("fixed_adams", "Adams"), ("scipy_solver", "scipy")):
+        with pytest.raises(UnknownNameError, match=pattern):
+            compat.odeint(Counted(), Y0, T2, method=method)
+    with pytest.raises(UnknownNameError, match="'tsit5'"):
+        compat.odeint(Counted(), Y0, T2, method="tsit5")  # not a torchdiffeq 0.2.5 method
+    for method in ("euler", "midpoint", "heun2"):  # the same schemes: the same numbers
+        ours, theirs = both(lambda lib, m=method: lib.odeint(Counted(), Y0, T7, method=m))
+        assert close(ours, theirs, 1e-13), method
+    for method in ("dopri5", "dopri8", "bosh3", "adaptive_heun"):  # odegrad's controller
+        ours, theirs = both(lambda lib, m=method: lib.odeint(Counted(), Y0, T7, method=m,
+                                                             rtol=1e-5, atol=1e-5))
+        assert close(ours, theirs, 5e-3), method  # torchdiffeq's bosh3 is 1.5e-3 off
+    assert not close(compat.odeint(Counted(), Y0, T7, method="euler"),
+                     compat.odeint(Counted(), Y0, T7, method="midpoint"), 1e-3)
+
+
+def case_options():
+    with pytest.raises(InvalidInputError, match="'grid_pointz'"):
+        compat.odeint(Counted(), Y0, T2, options=dict(grid_pointz=3))
+    with pytest.raises(InvalidInputError, match="'rtol'"):
+        compat.odeint(Counted(), Y0, T2, options=dict(rtol=1e-3))
+
+
+def case_event_fn():
+    with pytest.raises(InvalidInputError, match="event_fn"):
+        compat.odeint(Counted(), Y0, T2, event_fn=lambda t, y: y.sum())
+    with pytest.raises(InvalidInputError, match="event_fn"):
+        compat.odeint_adjoint(Field(), Y0, T2, event_fn=lambda t, y: y.sum())
+    with pytest.raises(InvalidInputError, match="odeint_event"):
+        compat.odeint_event(Counted(), Y0, T2[0], event_fn=lambda t, y: y.sum())
+    with pytest.raises(InvalidInputError, match="odeint_dense"):
+        compat.odeint_dense(Counted(), Y0, T2[0], T2[1])
+
+
+def case_adjoint_tolerances():
+    field = shared_field()
+    loose, loose_ref = both(lambda lib: adjoint_gradient(lib, field, adjoint_rtol=1e-3,
+                                                         adjoint_atol=1e-3))
+    tight, tight_ref = both(lambda lib: adjoint_gradient(lib, field))
+    assert close(tight, tight_ref, 1e-6)
+    assert not close(loose, tight, 1e-9)
+    assert close(loose, loose_ref, 1e-3)
+
+
+def case_adjoint_method():
+    field = shared_field()
+    with pytest.raises(UnknownNameError, match="adjoint_method='rk4'"):
+        compat.odeint_adjoint(field, Y0, T2, adjoint_method="rk4")
+    with pytest.raises(ValueError, match="adjoint_options"):  # torchdiffeq's rule
+        compat.odeint_adjoint(field, Y0, T2, adjoint_method="euler", options=dict(norm=None))
+    kwargs = dict(adjoint_method="euler", adjoint_options=dict(step_size=0.1))
+    ours, theirs = both(lambda lib: adjoint_gradient(lib, field, t=T7, **kwargs))
+    # the same Euler steps backwards from every output time (from dopri5 outputs that agree to
+    # the tolerance)
+    assert close(ours, theirs, 1e-5)
+    assert not close(ours, adjoint_gradient(compat, field, t=T7), 1e-4)
+
+
+def case_adjoint_options():
+    field = shared_field()
+    # the default is torchdiffeq's full norm, norm="seminorm" the seminorm: fewer evaluations
+    counts = {}
+    for key, options in (("full", None), ("seminorm", dict(norm="seminorm"))):
+        problem = Counted()
+
+        class Module(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.field = field
+
+            def forward(self, t, y, problem=problem):
+                problem.times.append(float(t))
+                return self.field(t, y)
+
+        module = Module()
+        y = Y0.clone().requires_grad_()
+        ys = compat.odeint_adjoint(module, y, T2, rtol=1e-8, atol=1e-8, adjoint_options=options)
+        before = len(problem.times)
+        ys.sum().backward()
+        counts[key] = len(problem.times) - before
+    assert counts["seminorm"] < counts["full"]
+    with pytest.raises(InvalidInputError, match=r"adjoint_options\['norm'\] is a callable"):
+        compat.odeint_adjoint(field, Y0, T2, adjoint_options=dict(norm=lambda x: x[1].abs().max()))
+
+
+def case_adjoint_params():
+    with pytest.raises(ValueError, match="adjoint_params"):
+        compat.odeint_adjoint(lambda t, y: -y, Y0, T2)  # not an nn.Module, no adjoint_params
+    field = shared_field()
+    y = Y0.clone().requires_grad_()
+    compat.odeint_adjoint(field, y, T2, adjoint_params=()).sum().backward()
+    assert all(p.grad is None or not p.grad.any() for p in field.parameters())
+    ours, theirs = both(lambda lib: adjoint_gradient(lib, field,
+                                                     adjoint_params=[field.linear.weight]))
+    assert close(ours, theirs, 1e-6)
+
+
+def case_step_size():
+    with pytest.warns(UserWarning, match="Unexpected arguments"):  # as torchdiffeq's dopri5
+        compat.odeint(Counted(), Y0, T2, options=dict(step_size=0.1))
+    ours, theirs = both(lambda lib: lib.odeint(Counted(), Y0, T7, method="euler",
+                                               options=dict(step_size=0.1)))
+    assert close(ours, theirs, 1e-13)  # the same grid, linear interpolation between its points
+    assert not close(ours, compat.odeint(Counted(), Y0, T7, method="euler"), 1e-3)
+    field = shared_field()
+    ours, theirs = both(lambda lib: adjoint_gradient(lib, field, t=T2, method="midpoint",
+                                                     options=dict(step_size=0.25)))
+    assert close(ours, theirs, 1e-10)
+
+
+def case_grid_constructor():
+    def grid(func, y0, t):
+        return torch.tensor([0.0, 0.05, 0.3, 0.6, 1.0], dtype=t.dtype)
+
+    with pytest.raises(ValueError, match="mutually exclusive"):
+        compat.odeint(Counted(), Y0, T2, method="euler",
+                      options=dict(grid_constructor=grid, step_size=0.1))
+
+    def other(func, y0, t):  # a backward grid that is not the forward grid reversed
+        return torch.linspace(float(t[0]), float(t[-1]), 3, dtype=t.dtype)
+
+    with pytest.raises(InvalidInputError, match="grid_constructor"):
+        compat.odeint_adjoint(shared_field(), Y0, T2, method="euler",
+                              options=dict(grid_constructor=grid),
+                              adjoint_options=dict(grid_constructor=other))
+    ours = compat.odeint(Counted(), Y0, T7, method="midpoint",
+                         options=dict(grid_constructor=grid))
+    assert not close(ours, compat.odeint(Counted(), Y0, T7, method="midpoint"), 1e-4)
+    theirs = torchdiffeq_or_skip().odeint(Counted(), Y0, T7, method="midpoint",
+                                          options=dict(grid_constructor=grid))
+    assert close(ours, theirs, 1e-13)
+
+
+def case_interp():
+    with pytest.raises(ValueError, match="interpolation method"):
+        compat.odeint(Counted(), Y0, T2, method="euler", options=dict(interp="quadratic"))
+    kwargs = dict(method="euler", options=dict(step_size=0.1, interp="cubic"))
+    ours, theirs = both(lambda lib: lib.odeint(Counted(), Y0, T7, **kwargs))
+    assert close(ours, theirs, 1e-13)
+    linear = compat.odeint(Counted(), Y0, T7, method="euler", options=dict(step_size=0.1))
+    assert not close(ours, linear, 1e-6)
+
+
+def case_perturb():
+    for perturb in (False, True):
+        f, g = Counted(jump=0.5), Counted(jump=0.5)
+        kwargs = dict(method="heun2", options=dict(step_size=0.25, perturb=perturb))
+        torchdiffeq = torchdiffeq_or_skip()
+        ours = compat.odeint(f, Y0, T2, **kwargs)
+        theirs = torchdiffeq.odeint(g, Y0, T2, **kwargs)
+        assert close(ours, theirs, 1e-13)
+        assert (0.5 in f.times) != perturb and (0.0 in f.times) != perturb
+
+
+def case_adams_options():
+    # torchdiffeq's Euler ignores Adams' options with a warning; so does the shim.
+    for key, value in (("implicit", False), ("max_iters", 3), ("max_order", 2)):
+        with pytest.warns(UserWarning, match=f"Euler: Unexpected arguments .*{key}"):
+            ys = compat.odeint(Counted(), Y0, T2, method="euler", options={key: value})
+        assert close(ys, compat.odeint(Counted(), Y0, T2, method="euler"), 0.0)
+
+
+def case_controller_options():
+    values = (("min_step", 0.0, 0.1), ("max_step", math.inf, 0.1), ("safety", 0.9, 0.5),
+              ("ifactor", 10.0, 5.0), ("dfactor", 0.2, 0.1))
+    for key, _, other in values:
+        with pytest.raises(InvalidInputError, match=f"'{key}'"):
+            compat.odeint(Counted(), Y0, T2, options={key: other})
+        with pytest.raises(InvalidInputError, match=f"'{key}'"):
+            compat.odeint_adjoint(shared_field(), Y0, T2, adjoint_options={key: other})
+    for key, default, _ in values:  # torchdiffeq's defaults, which odegrad's controller uses
+        ours, theirs = both(lambda lib, k=key, d=default: lib.odeint(Counted(), Y0, T2,
+                                                                      options={k: d}))
+        assert close(ours, theirs, 1e-6)
+
+
+def case_first_step():
+    with pytest.warns(UserWarning, match="Euler: Unexpected arguments"):
+        compat.odeint(Counted(), Y0, T2, method="euler", options=dict(first_step=0.1))
+    f, g = Counted(), Counted()
+    ours = compat.odeint(f, Y0, T2, options=dict(first_step=1e-6))
+    compat.odeint(g, Y0, T2)
+    assert len(f.times) > len(g.times)  # it starts that small
+    assert abs(f.times[1] - 1e-6 / 5) < 1e-12  # dopri5's second stage, at c = 1/5
+    theirs = torchdiffeq_or_skip().odeint(Counted(), Y0, T2, options=dict(first_step=1e-6))
+    assert close(ours, theirs, 1e-6)
+
+
+def case_step_t():
+    f = Counted()
+    ours = compat.odeint(f, Y0, T2, options=dict(step_t=torch.tensor([0.3], dtype=DT)))
+    assert any(abs(s - 0.3) < 1e-15 for s in f.times)  # a step starts there
+    theirs = torchdiffeq_or_skip().odeint(Counted(), Y0, T2, options=dict(step_t=[0.3]))
+    assert close(ours, theirs, 1e-6)
+
+
+def case_jump_t():
+    with pytest.raises(ValueError, match="repeated"):
+        compat.odeint(Counted(), Y0, T2, options=dict(jump_t=[0.5], step_t=[0.5]))
+    simple, better = Counted(jump=0.5), Counted(jump=0.5)
+    compat.odeint(simple, Y0, T2, rtol=1e-6, atol=1e-6)
+    ours = compat.odeint(better, Y0, T2, rtol=1e-6, atol=1e-6, options=dict(jump_t=[0.5]))
+    assert len(better.times) < len(simple.times)  # torchdiffeq's own test of jump_t
+    assert 0.5 not in better.times  # f is evaluated one ulp either side of the jump
+    assert any(0 < abs(s - 0.5) < 1e-15 for s in better.times)
+    theirs = torchdiffeq_or_skip().odeint(Counted(jump=0.5), Y0, T2, rtol=1e-6, atol=1e-6,
+                                          options=dict(jump_t=[0.5]))
+    assert close(ours, theirs, 1e-5)
+
+
+def case_max_num_steps():
+    t = torch.tensor([0.0, 1.0, 2.0], dtype=DT)
+    with pytest.raises(compat.MaxNumStepsExceededError, match="max_num_steps"):
+        compat.odeint(Counted(), Y0, t, options=dict(max_num_steps=3))
+    # counted per output interval, as torchdiffeq does
+    steps = [odegrad.solve(Counted(), Y0, t[i:i + 2], rtol=1e-7, atol=1e-9).stats["n_steps"]
+             for i in range(2)]
+    assert max(steps) < sum(steps)
+    ours = compat.odeint(Counted(), Y0, t, options=dict(max_num_steps=max(steps)))
+    with pytest.raises(MaxStepsExceededError):
+        compat.odeint(Counted(), Y0, t, options=dict(max_num_steps=max(steps) - 1))
+    # the default is torchdiffeq's 2**31 - 1, not odegrad's 10 000
+    ys = compat.odeint(Counted(), Y0, torch.tensor([0.0, 1.001], dtype=DT), method="euler",
+                       options=dict(step_size=1e-4))  # 10 010 steps
+    assert ys.shape == (2, 2)
+    torchdiffeq = torchdiffeq_or_skip()
+    with pytest.raises(AssertionError, match="max_num_steps"):  # torchdiffeq raises too
+        torchdiffeq.odeint(Counted(), Y0, t, options=dict(max_num_steps=3))
+    assert close(ours, torchdiffeq.odeint(Counted(), Y0, t), 1e-6)
+
+
+def case_dtype():
+    with pytest.raises(InvalidInputError, match="'dtype'"):
+        compat.odeint(Counted(), Y0.float(), T2.float(), options=dict(dtype=torch.float32))
+    ours, theirs = both(lambda lib: lib.odeint(Counted(), Y0, T2, options=dict(dtype=DT)))
+    assert close(ours, theirs, 1e-6)
+
+
+def case_norm():
+    f, g = Counted(), Counted()
+    compat.odeint(f, Y0, T2, options=dict(norm=lambda x: x.abs().max()))
+    compat.odeint(g, Y0, T2, options=dict(norm=lambda x: 10 * x.abs().max()))
+    assert len(f.times) < len(g.times)
+    seen = []
+
+    def norm(state):
+        seen.append(tuple(s.shape for s in state))
+        return state[0].abs().max()
+
+    pair = (torch.tensor(1.0, dtype=DT), torch.ones(2, 2, dtype=DT))
+    compat.odeint(lambda t, y: (-y[0], -y[1]), pair, T2, options=dict(norm=norm))
+    assert seen and set(seen) == {((), (2, 2))}  # the tuple, not a flat tensor
+    with pytest.raises(InvalidInputError, match="'norm'"):
+        compat.odeint(Counted(), Y0, T2, options=dict(norm="seminorm"))
+
+
+def case_scipy_options():
+    for key, value in (("solver", "RK45"), ("grid_points", 3), ("eps", 1e-3)):
+        with pytest.warns(UserWarning, match=f"Dopri5Solver: Unexpected arguments .*{key}"):
+            compat.odeint(Counted(), Y0, T2, options={key: value})
+
+
+def case_callbacks():
+    for name in TORCHDIFFEQ_CALLBACKS[:3]:
+        f = Counted()
+        setattr(f, name, lambda t0, y0, dt: None)
+        with pytest.raises(InvalidInputError, match=name):
+            compat.odeint(f, Y0, T2)
+    for name in TORCHDIFFEQ_CALLBACKS[3:]:
+        field = Field()
+        setattr(field, name, lambda t0, y0, dt: None)
+        with pytest.raises(InvalidInputError, match=name):
+            compat.odeint_adjoint(field, Y0, T2)
+        compat.odeint(field, Y0, T2)  # odeint never calls the adjoint callbacks
+    f = Counted()
+    f.callback_accept_step = lambda t0, y0, dt: None
+    with pytest.warns(UserWarning, match="does not support callbacks"):  # torchdiffeq's warning
+        compat.odeint(f, Y0, T2, method="euler")
+
+
+CASES = {
+    "rtol": [case_rtol_atol], "atol": [case_rtol_atol], "method": [case_method],
+    "options": [case_options], "event_fn": [case_event_fn],
+    "adjoint_rtol": [case_adjoint_tolerances], "adjoint_atol": [case_adjoint_tolerances],
+    "adjoint_method": [case_adjoint_method], "adjoint_options": [case_adjoint_options],
+    "adjoint_params": [case_adjoint_params],
+    "step_size": [case_step_size, case_adjoint_method], "grid_constructor": [case_grid_constructor],
+    "interp": [case_interp], "perturb": [case_perturb],
+    "implicit": [case_adams_options], "max_iters": [case_adams_options],
+    "max_order": [case_adams_options],
+    "min_step": [case_controller_options], "max_step": [case_controller_options],
+    "safety": [case_controller_options], "ifactor": [case_controller_options],
+    "dfactor": [case_controller_options], "first_step": [case_first_step],
+    "step_t": [case_step_t], "jump_t": [case_jump_t], "max_num_steps": [case_max_num_steps],
+    "dtype": [case_dtype], "norm": [case_norm, case_adjoint_options],
+    "solver": [case_scipy_options], "grid_points": [case_scipy_options],
+    "eps": [case_scipy_options],
+    **{name: [case_method] for name in TORCHDIFFEQ_METHODS},
+    **{name: [case_callbacks] for name in TORCHDIFFEQ_CALLBACKS},
+}
+
+
+def test_every_torchdiffeq_name_has_a_case():
+    names = TORCHDIFFEQ_KEYWORDS + TORCHDIFFEQ_OPTIONS + TORCHDIFFEQ_METHODS + TORCHDIFFEQ_CALLBACKS
+    assert sorted(set(CASES)) == sorted(set(names))
+    assert set(compat.OPTION_NAMES) == set(TORCHDIFFEQ_OPTIONS)
+    assert set(compat.ADJOINT_KEYWORDS) == set(TORCHDIFFEQ_KEYWORDS)
+
+
+@pytest.mark.parametrize("case", sorted({c for cs in CASES.values() for c in cs},
+                                        key=lambda c: c.__name__),
+                         ids=lambda c: c.__name__)
+def test_every_torchdiffeq_name_is_honoured_or_raises(case):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an unexpected warning is a failure, not noise
+        case()
+
+
+# ---- state and time handling ------------------------------------------------------------------
+
+
+def test_tuple_state_of_0dim_tensors():
+    state = (torch.tensor(1.0, dtype=DT), torch.tensor(2.0, dtype=DT))
+    f = lambda t, y: (-y[0], -2 * y[1])  # noqa: E731
+    ours, theirs = both(lambda lib: lib.odeint(f, state, T7))
+    assert ours[0].shape == (7,) and ours[1].shape == (7,)
+    assert close(ours[0], theirs[0], 1e-6) and close(ours[1], theirs[1], 1e-6)
+    field = lambda t, y: (-y[0], -2 * y[1])  # noqa: E731
+    y = tuple(s.clone().requires_grad_() for s in state)
+    out = compat.odeint_adjoint(field, y, T2, adjoint_params=())
+    (out[0][-1] + out[1][-1]).backward()
+    assert abs(float(y[0].grad) - math.exp(-1)) < 1e-6
+    assert abs(float(y[1].grad) - math.exp(-2)) < 1e-6
+
+
+def test_t_dtype_and_type_like_torchdiffeq():
+    with pytest.raises(InvalidInputError, match="torch.Tensor"):
+        compat.odeint(Counted(), Y0, [0.0, 1.0])
+    with pytest.raises(TypeError, match="floating point"):
+        compat.odeint(Counted(), Y0, torch.tensor([0, 1]))
+    with pytest.raises(InvalidInputError, match="tuple"):
+        compat.odeint(Counted(), [Y0], T2)
+    y0 = Y0.float()
+    t = T7.clone().requires_grad_()
+    compat.odeint(Counted(), y0, t).sum().backward()
+    assert t.grad.dtype == DT
+    ours, theirs = both(lambda lib: lib.odeint(Counted(), y0, T7, method="euler",
+                                               options=dict(step_size=0.1)))
+    assert ours.dtype == theirs.dtype == torch.float32
+    assert close(ours, theirs, 1e-6)
+
+
+def test_decreasing_time_fixed_grid_matches_torchdiffeq():
+    t = T7.flip(0)
+    for options in (dict(step_size=0.1), dict(step_size=0.1, interp="cubic")):
+        ours, theirs = both(lambda lib, o=options: lib.odeint(Counted(), Y0, t, method="euler",
+                                                               options=o))
+        assert close(ours, theirs, 1e-13)
 
 
 def test_odeint_adjoint_gives_gradients():
@@ -49,31 +502,45 @@ def test_odeint_adjoint_gives_gradients():
         assert torch.allclose(p.grad, q.grad, rtol=1e-5, atol=1e-7)
 
 
-def test_options_are_translated():
-    y0 = torch.ones(2, dtype=DT)
-    t = torch.tensor([0.0, 10.0], dtype=DT)
-    with pytest.raises(MaxStepsExceededError, match="max_steps=3"):
-        compat.odeint(lambda t, y: -y, y0, t, options=dict(max_num_steps=3))
-    ys = compat.odeint(lambda t, y: -y, y0, t, options=dict(first_step=1e-3))
-    assert torch.allclose(ys[-1], torch.exp(torch.tensor(-10.0, dtype=DT)) * y0, rtol=1e-5)
+def test_fixed_grid_adjoint_matches_torchdiffeq():
+    field = Field()
+    for method, options, t in (("euler", dict(step_size=0.1), T2),
+                               ("euler", dict(step_size=0.25),
+                                torch.tensor([1.0, 0.5, 0.0], dtype=DT)),
+                               ("heun2", None, T7),
+                               ("midpoint", dict(grid_constructor=lambda f, y, t: t), T7)):
+        ours, theirs = both(lambda lib, m=method, o=options, t=t: adjoint_gradient(
+            lib, field, t=t, method=m, options=o, adjoint_options=o))
+        assert close(ours, theirs, 1e-10), (method, options)
+    # With perturb, the shim solves step by step, so its backward pass restarts from the stored
+    # forward state at every grid point where torchdiffeq's re-solves it: the gradients agree
+    # to the order of the scheme.
+    options = dict(step_size=0.1, perturb=True)
+    ours, theirs = both(lambda lib: adjoint_gradient(lib, field, t=T2, method="euler",
+                                                     options=options))
+    assert close(ours, theirs, 0.1) and not close(ours, theirs, 1e-10)
+    # With outputs between grid points, the shim's backward pass runs over the forward grid
+    # through the linear interpolation where torchdiffeq's restarts a grid at each output time.
+    options = dict(step_size=0.1)
+    ours, theirs = both(lambda lib: adjoint_gradient(lib, field, t=T7, method="euler",
+                                                     options=options))
+    assert close(ours, theirs, 0.1) and not close(ours, theirs, 1e-10)
 
 
-def test_t_is_cast_like_torchdiffeq():
-    ys = compat.odeint(lambda t, y: -y, torch.ones(2, dtype=DT), [0.0, 1.0])
-    assert ys.dtype == DT
+def test_a_scheme_odegrad_gains_is_served(monkeypatch):
+    # Should odegrad gain Kutta's 3/8 rule (torchdiffeq's "rk4") under any name, the shim finds
+    # it by its coefficients and serves method="rk4" with it.
+    import numpy as np
 
+    from odegrad import solvers, tableaus
+    from odegrad.solvers.explicit import ExplicitRungeKutta
 
-def test_unsupported_method_and_option_are_named():
-    y0 = torch.ones(2, dtype=DT)
-    t = torch.tensor([0.0, 1.0], dtype=DT)
-    with pytest.raises(UnknownNameError, match="explicit_adams"):
-        compat.odeint(lambda t, y: -y, y0, t, method="explicit_adams")
-    with pytest.raises(InvalidInputError, match="'grid_points'"):
-        compat.odeint(lambda t, y: -y, y0, t, options=dict(grid_points=1))
-
-
-def test_adaptive_heun_alias():
-    ys = compat.odeint(lambda t, y: -y, torch.ones(2, dtype=DT), torch.tensor([0.0, 1.0], dtype=DT),
-                       method="adaptive_heun", rtol=1e-6, atol=1e-6)
-    assert torch.allclose(ys[-1], torch.exp(torch.tensor(-1.0, dtype=DT)) * torch.ones(2, dtype=DT),
-                          rtol=1e-4)
+    b = np.array([1 / 8, 3 / 8, 3 / 8, 1 / 8])
+    a = np.array([[0, 0, 0, 0], [1 / 3, 0, 0, 0], [-1 / 3, 1, 0, 0], [1, -1, 1, 0]], dtype=float)
+    tableau = tableaus.ButcherTableau(name="kutta38", c=np.array([0, 1 / 3, 2 / 3, 1]), a=a,
+                                      b=b, order=4, dense=b[:, None])
+    monkeypatch.setitem(tableaus.TABLEAUS, "kutta38", tableau)
+    monkeypatch.setitem(solvers.SOLVERS, "kutta38", lambda: ExplicitRungeKutta(tableau))
+    ours, theirs = both(lambda lib: lib.odeint(Counted(), Y0, T7, method="rk4",
+                                               options=dict(step_size=0.1)))
+    assert close(ours, theirs, 1e-13)

@@ -107,7 +107,7 @@ class TupleField:
         """The tuple of tensors a flat state (with any leading dims) stands for."""
         lead = y.shape[:-1]
         return tuple(
-            part.reshape(*lead, *shape)
+            part.reshape((*lead, *shape))
             for part, shape in zip(torch.split(y, self.sizes, dim=-1), self.shapes)
         )
 
