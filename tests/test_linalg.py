@@ -1,9 +1,18 @@
 """linalg: dense Jacobians, shifted LU solves, GMRES and simplified Newton against torch.linalg."""
 
+import math
+
 import pytest
 import torch
 
-from odegrad.linalg import ShiftedLU, gmres, jacobian, newton
+from odegrad.linalg import (
+    ShiftedLU,
+    gmres,
+    jacobian,
+    jacobian_with_graph,
+    newton,
+    shifted_solve,
+)
 
 DT = torch.float64
 
@@ -54,6 +63,11 @@ def test_jacobian_falls_back_when_vmap_fails():
     jac = jacobian(lambda v: _NoVmap.apply(v) + v.sum(), y)
     expected = torch.diag(3 * y**2) + torch.ones(4, 4, dtype=DT)
     torch.testing.assert_close(jac, expected, rtol=1e-12, atol=1e-12)
+    x = y.clone().requires_grad_(True)
+    jac = jacobian_with_graph(lambda v: _NoVmap.apply(v) + v.sum(), x * 1.0)
+    torch.testing.assert_close(jac, expected, rtol=1e-12, atol=1e-12)
+    (grad,) = torch.autograd.grad(jac.trace(), x)  # d/dx Σ 3x² = 6x
+    torch.testing.assert_close(grad, 6 * y, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("batched", [False, True])
@@ -143,3 +157,73 @@ def test_newton_reports_divergence():
     # A Jacobian with the wrong sign pushes the iterate away from the root.
     result = newton(lambda z: z + 0.1 * z**3 - b, torch.zeros_like(b), lambda g, z: -g, scale)
     assert not result.converged
+
+
+def test_newton_on_an_empty_state_and_on_a_non_finite_residual():
+    empty = torch.zeros(0, dtype=DT)
+    result = newton(lambda z: z / 0.0, empty, lambda g, z: g, empty)  # never evaluated
+    assert result.converged and result.iterations == 0 and result.z.numel() == 0
+    one = torch.ones(2, dtype=DT)
+    result = newton(lambda z: z * math.nan, one, lambda g, z: g, one)
+    assert not result.converged and not result.finite and result.iterations == 1
+    assert newton(lambda z: z - 1.0, one, lambda g, z: g, one).finite
+
+
+def test_gmres_returns_at_once_on_a_non_finite_rhs():
+    calls = []
+
+    def matvec(v):
+        calls.append(1)
+        return v
+
+    b = torch.tensor([1.0, math.nan], dtype=DT)
+    x, converged, residual = gmres(matvec, b)
+    assert not converged and math.isnan(residual) and bool(torch.isnan(x).all())
+    assert not calls
+
+
+@pytest.mark.parametrize("batch_independent", [False, True])
+def test_jacobian_with_graph_matches_and_differentiates(batch_independent):
+    """The same matrix as `jacobian`, and differentiable in y (through a graph, not detached)
+    and in what the function closes over: against autograd's create_graph Jacobian."""
+    weight = torch.randn(3, 3, dtype=DT, requires_grad=True)
+    x = torch.randn(4, 3, dtype=DT, requires_grad=True)
+
+    def fun(y):
+        return torch.tanh(y @ weight) * y
+
+    y = 2.0 * x  # a non-leaf carrying a graph
+    jac = jacobian_with_graph(fun, y, batch_independent)
+    torch.testing.assert_close(jac, jacobian(fun, y, batch_independent), rtol=1e-12, atol=1e-12)
+    probe = torch.randn(jac.shape, dtype=DT)
+    ours = torch.autograd.grad((jac * probe).sum(), (x, weight))
+
+    def reference(x, weight):
+        def g(y):
+            return torch.tanh(y @ weight) * y
+
+        full = torch.autograd.functional.jacobian(g, 2.0 * x, create_graph=True)
+        full = full.reshape(12, 12)
+        if batch_independent:
+            full = torch.stack([full[3 * b: 3 * b + 3, 3 * b: 3 * b + 3] for b in range(4)])
+        return (full * probe).sum()
+
+    expected = torch.autograd.grad(reference(x, weight), (x, weight))
+    for a, b in zip(ours, expected):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_shifted_solve_matches_lu_and_differentiates(batched):
+    jac = torch.randn(*((3,) if batched else ()), 4, 4, dtype=DT, requires_grad=True)
+    shift = torch.tensor(0.3, dtype=DT, requires_grad=True)
+    rhs = torch.randn(3, 4, dtype=DT) if batched else torch.randn(4, dtype=DT)
+    rhs.requires_grad_(True)
+    for transpose in (False, True):
+        x = shifted_solve(jac, shift, rhs, transpose=transpose)
+        lu = ShiftedLU.factor(jac.detach(), float(shift.detach()))
+        torch.testing.assert_close(x, lu.solve(rhs, transpose=transpose), rtol=1e-10,
+                                   atol=1e-12)
+    assert torch.autograd.gradcheck(
+        lambda j, s, r: shifted_solve(j, s, r, transpose=True), (jac, shift, rhs)
+    )

@@ -15,7 +15,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["jacobian", "linearize", "ShiftedLU", "gmres", "newton", "NewtonResult"]
+__all__ = [
+    "jacobian", "jacobian_with_graph", "linearize", "ShiftedLU", "shifted_solve", "gmres",
+    "newton", "NewtonResult",
+]
 
 
 def jacobian(fun: Callable[[Tensor], Tensor], y: Tensor, batch_independent: bool = False) -> Tensor:
@@ -28,7 +31,7 @@ def jacobian(fun: Callable[[Tensor], Tensor], y: Tensor, batch_independent: bool
     """
     y = y.detach()
     if batch_independent:
-        batch, n = y.shape[0], y[0].numel()
+        batch, n = y.shape[0], math.prod(y.shape[1:])
         basis = torch.eye(n, dtype=y.dtype, device=y.device).reshape(n, 1, *y.shape[1:])
         basis = basis.expand(n, *y.shape)
     else:
@@ -44,6 +47,64 @@ def jacobian(fun: Callable[[Tensor], Tensor], y: Tensor, batch_independent: bool
     if batch_independent:
         return rows.reshape(n, batch, n).transpose(0, 1)  # J_b[k, :] = ∂fun_b[k]/∂y_b
     return rows.reshape(n, n)
+
+
+def jacobian_with_graph(
+    fun: Callable[[Tensor], Tensor], y: Tensor, batch_independent: bool = False
+) -> Tensor:
+    """∂fun/∂y as `jacobian` lays it out, but differentiable (built with create_graph=True).
+
+    For second derivatives: the matrix depends, through autograd, on y (which may carry a
+    graph: it is not detached) and on whatever fun closes over (parameters, t). One
+    graph-building VJP per component (of one sample with `batch_independent`), batched with
+    `is_grads_batched` when autograd can, else in a loop.
+    """
+    if batch_independent:
+        n = math.prod(y.shape[1:])
+        basis = torch.eye(n, dtype=y.dtype, device=y.device).reshape(n, 1, *y.shape[1:])
+        basis = basis.expand(n, *y.shape)
+    else:
+        n = y.numel()
+        basis = torch.eye(n, dtype=y.dtype, device=y.device).reshape(n, *y.shape)
+    with torch.enable_grad():
+        if not y.requires_grad:
+            y = y.detach().requires_grad_(True)
+        out = fun(y)
+        rows = None
+        if out.requires_grad and n > 0:  # else nothing to differentiate
+            try:
+                (rows,) = torch.autograd.grad(
+                    out, y, basis, create_graph=True, is_grads_batched=True, allow_unused=True
+                )
+            except (RuntimeError, NotImplementedError):
+                loop = [
+                    torch.autograd.grad(out, y, v, create_graph=True, retain_graph=True,
+                                        allow_unused=True)[0]
+                    for v in basis
+                ]
+                rows = torch.stack([torch.zeros_like(y) if r is None else r for r in loop])
+        if rows is None:
+            rows = torch.zeros_like(basis)
+    if batch_independent:
+        return rows.reshape(n, y.shape[0], n).transpose(0, 1)
+    return rows.reshape(n, n)
+
+
+def shifted_solve(
+    jac: Tensor, shift: Tensor | float, rhs: Tensor, transpose: bool = False
+) -> Tensor:
+    """(I − shift·J)^{-1} rhs, or (I − shift·J)^{-T} rhs, differentiable in J, shift and rhs.
+
+    J is dense, (d, d) or per-sample blocks (B, n, n) as `jacobian` returns it; rhs has the
+    state's shape. torch.linalg.solve, so that second derivatives can pass through the solve
+    (ShiftedLU is the fast path when no graph is needed).
+    """
+    eye = torch.eye(jac.shape[-1], dtype=jac.dtype, device=jac.device)
+    matrix = eye - shift * jac
+    if transpose:
+        matrix = matrix.transpose(-1, -2)
+    b = rhs.reshape(*jac.shape[:-1], 1) if jac.dim() == 3 else rhs.reshape(-1, 1)
+    return torch.linalg.solve(matrix, b).reshape(rhs.shape)
 
 
 def linearize(fun: Callable[[Tensor], Tensor], y: Tensor) -> Callable[[Tensor], Tensor]:
@@ -98,7 +159,7 @@ class ShiftedLU:
     def solve(self, rhs: Tensor, transpose: bool = False) -> Tensor:
         """M^{-1} rhs, or M^{-T} rhs; rhs has the state's shape."""
         if self.lu.dim() == 3:
-            b = rhs.reshape(self.lu.shape[0], -1, 1)
+            b = rhs.reshape(*self.lu.shape[:-1], 1)
         else:
             b = rhs.reshape(-1, 1)
         x = torch.linalg.lu_solve(self.lu, self.pivots, b, adjoint=transpose)
@@ -119,7 +180,8 @@ def gmres(
 
     Arnoldi with classical Gram–Schmidt applied twice (CGS2: two matrix products per
     iteration), Givens rotations on the host for the small least-squares problem. Stops when
-    ‖b − A x‖ ≤ max(rtol ‖b‖, atol). Returns (x, converged, relative residual).
+    ‖b − A x‖ ≤ max(rtol ‖b‖, atol). Returns (x, converged, relative residual); a non-finite
+    b returns at once (x nan, not converged).
     `preconditioner` P ≈ A⁻¹ (linear) preconditions on the right (Saad, Iterative Methods
     §9.3.2): GMRES solves A P u = b and returns x = P u, whose residual is the same, so P
     changes how fast it converges, not what to.
@@ -136,6 +198,8 @@ def gmres(
     x = torch.zeros_like(b)
     if b_norm == 0.0:
         return x.reshape(shape), True, 0.0
+    if not math.isfinite(b_norm):  # no Krylov space to build: report it at once
+        return torch.full_like(b, math.nan).reshape(shape), False, math.nan
     target = max(rtol * b_norm, atol)
     residual = b
     beta = b_norm
@@ -199,6 +263,7 @@ class NewtonResult:
     iterations: int
     rate: float  # the last observed contraction ‖Δz_k‖ / ‖Δz_{k−1}‖ (0 if unknown)
     eta: float  # η = θ/(1 − θ) to start the next solve with
+    finite: bool = True  # False: it stopped on a non-finite residual or update (inf or nan)
 
 
 def newton(
@@ -220,17 +285,20 @@ def newton(
     solve); it fails on θ_k ≥ 1, on a non-finite value, or (`give_up_early`, meant for a
     frozen Jacobian, whose rate is roughly constant) when a slow iteration (θ_k > ½) cannot
     reach κ in the remaining iterations. `scale` must stay above round-off of z.
+    An empty z is solved as it stands (no residual is evaluated).
     """
     z = z0
     previous = 0.0
     rate = 0.0
     eta = max(eta, 1e-16) ** 0.8
+    if z.numel() == 0:
+        return NewtonResult(z, True, 0, rate, eta)
     for k in range(max_iters):
         dz = solve(residual(z), z)
         z = z - dz
         size = float((dz / scale).pow(2).mean().sqrt())
         if not math.isfinite(size):
-            return NewtonResult(z, False, k + 1, rate, 1.0)
+            return NewtonResult(z, False, k + 1, rate, 1.0, finite=False)
         if size == 0.0:
             return NewtonResult(z, True, k + 1, rate, eta)
         if k > 0:

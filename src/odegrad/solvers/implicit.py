@@ -17,14 +17,25 @@ keeps K accurate for tiny h). The next step's K_1 is this step's K_s. A stage wh
 simplified Newton iteration fails is retried by full Newton (re-linearised at every iterate);
 then a step with a stale Jacobian is retried with a fresh one; then `StepRejected` makes the
 loop retry with a smaller step.
-Fixed steps, or ten failures in a row, raise NewtonConvergenceError naming t and h.
+Fixed steps, or ten failures in a row, raise NewtonConvergenceError naming t and h. When
+Newton meets inf or nan and f itself is non-finite at the stage time for the step's (finite)
+start state, or at the start, NonFiniteError names that time at once (smaller steps cannot get
+past it); an iterate that merely left f's domain is a Newton failure like any other. An empty
+state is solved as it stands.
 
 Gradients. With autograd recording (gradient="direct") the Newton iterations are not
 differentiated: each stage is attached to the graph through the implicit-function theorem,
-D_i = D* − S(F(D*, r_i, θ)) with S's value 0 and its VJP (I − hγJ)^{-T} taken at the converged
+D₁ = D* − S(F(D*, r_i, θ)) with S's value 0 and its VJP (I − hγJ)^{-T} taken at the converged
 stage point, so the direct gradient is the exact derivative of the discrete scheme at the
-computed stages (one extra f evaluation per stage to record F, one transposed solve per stage
-in the backward pass; no double backward). `step_vjp` is the discrete adjoint of one step:
+computed stages (one transposed solve per stage in the backward pass). Double backward
+(create_graph=True, hessian, hvp): D₁ holds D* constant inside F, so differentiating its VJP
+again misses ∂²F/∂θ∂D·dD/dθ (1–8 % off). The dense path therefore records one more Newton step
+from D₁, D = D₁ − S(F(D₁, r_i, θ)), whose S rebuilds J at r_i + D₁ with a graph and solves with
+torch.linalg.solve when the backward builds a graph: its error is quadratic in D₁'s, so first
+and second derivatives are exact (third ones are not). Cost: two f evaluations with a graph
+per stage in the forward pass; a plain backward drops the first level (its cotangent is 0 up to
+round-off) and costs one transposed solve per stage as before. GMRES keeps one level and raises
+UnsupportedCombinationError on double backward. `step_vjp` is the discrete adjoint of one step:
 transposed stage solves, each parameter term taken at its own stage point.
 
 Method options (keywords of `odegrad.solve`):
@@ -37,8 +48,9 @@ Method options (keywords of `odegrad.solve`):
     newton_max_iters   iterations of simplified Newton per stage (10; full Newton gets 20)
     jacobian_refresh_rate  re-evaluate J at the next step when a contraction rate exceeds it
     gmres_restart, gmres_max_iters, gmres_rtol  the forward Krylov solves (30, 300, 1e-3)
-    adjoint_rtol       relative residual of the transposed GMRES solves in the backward pass
-                       (default max(1e-11, 100 · machine epsilon))
+    transposed_rtol    relative residual of the transposed GMRES solves in the backward pass
+                       (gradient="direct" and "discrete"; default max(1e-11, 100 · machine
+                       epsilon)). Not `adjoint_rtol`: that is the continuous adjoint's.
     preconditioner     for GMRES: a callable (t, y, shift) -> P with P(v) ≈ (I − shift·J)⁻¹ v,
                        J = ∂f/∂y at (t, y) (e.g. the inverse of I − shift·diag(J) when a known
                        stiff decay dominates J). Called per stage solve: forward at the stage
@@ -51,15 +63,30 @@ Method options (keywords of `odegrad.solve`):
 from __future__ import annotations
 
 import inspect
+import math
 import warnings
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
 
-from ..errors import InvalidInputError, NewtonConvergenceError
-from ..linalg import ShiftedLU, gmres, jacobian, linearize, newton
+from ..errors import (
+    InvalidInputError,
+    NewtonConvergenceError,
+    NonFiniteError,
+    UnsupportedCombinationError,
+)
+from ..linalg import (
+    ShiftedLU,
+    gmres,
+    jacobian,
+    jacobian_with_graph,
+    linearize,
+    newton,
+    shifted_solve,
+)
 from ..tableaus import DIRK_PREDICTORS, DIRK_TABLEAUS, ButcherTableau
 from . import register_solver
 from .base import Scalar, Solver, Step, StepRejected, VectorField, axpy_sum, dense_weights
@@ -88,16 +115,63 @@ class ImplicitCarry:
 
 
 class _ImplicitStage(torch.autograd.Function):
-    """Value 0, VJP g ↦ (I − hγJ)^{-T} g: attaches a converged stage to the graph (IFT)."""
+    """Value 0, VJP g ↦ (I − hγJ)^{-T} g: attaches a converged stage to the graph (IFT).
+
+    Inputs: the recorded residual F (the only one differentiated at first order), and the
+    stage point r + D, the stage time and hγ (tensors when they carry a graph), which a
+    second-order pass differentiates J through. With a graph requested in the backward
+    (create_graph=True) the solve is rebuilt differentiably: J = ∂f/∂y at that point with
+    create_graph and torch.linalg.solve (dense only; `_StageSolve.with_graph` raises for GMRES).
+    """
 
     @staticmethod
-    def forward(ctx, residual: Tensor, solve_transposed) -> Tensor:
-        ctx.solve_transposed = solve_transposed
+    def forward(ctx, residual: Tensor, point: Tensor, t_stage, shift, stage) -> Tensor:
+        ctx.stage = stage
+        ctx.time_and_shift = (t_stage, shift)
+        ctx.save_for_backward(point)
         return torch.zeros_like(residual)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        return ctx.solve_transposed(grad), None
+        if torch.is_grad_enabled():  # create_graph=True: a second derivative is coming
+            (point,) = ctx.saved_tensors
+            t_stage, shift = ctx.time_and_shift
+            kappa = ctx.stage.with_graph(grad, point, t_stage, shift)
+        else:
+            kappa = ctx.stage(grad)
+        return kappa, None, None, None, None
+
+
+class _StageAnchor(torch.autograd.Function):
+    """Value 0 with the first-order VJP of `_ImplicitStage`, evaluated at the stage point with D
+    held constant: D₁ = D* − anchor(F(D*, r, θ)) has the stage's value and exact first
+    derivative. The stage then takes one Newton step from D₁, D = D₁ − S(F(D₁, r, θ)), whose
+    error is quadratic in D₁'s: second derivatives exact (ALGORITHMS.md §10).
+
+    First order, the cotangent reaching D₁ is g − M^T M^{-T} g = 0 (round-off): dropped, so a
+    plain backward costs what it did before. Once a graph-building pass (create_graph=True)
+    has gone through, later passes (the second-order ones) need it and get the solve.
+    """
+
+    @staticmethod
+    def forward(ctx, residual: Tensor, stage) -> Tensor:
+        ctx.stage = stage
+        ctx.graph_pass_seen = False
+        ctx.set_materialize_grads(False)
+        return torch.zeros_like(residual)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor | None):
+        if grad is None:
+            return None, None
+        if torch.is_grad_enabled():
+            ctx.graph_pass_seen = True
+        elif not ctx.graph_pass_seen:
+            return None, None
+        # Not itself differentiated: in the graph-building pass `grad` is 0 up to round-off
+        # with a derivative that vanishes identically, and second-order passes need its value.
+        with torch.no_grad():
+            return ctx.stage(grad.detach()), None
 
 
 class DiagonallyImplicitRungeKutta(Solver):
@@ -123,7 +197,7 @@ class DiagonallyImplicitRungeKutta(Solver):
         gmres_restart: int = 30,
         gmres_max_iters: int = 300,
         gmres_rtol: float = 1e-3,
-        adjoint_rtol: float | None = None,
+        transposed_rtol: float | None = None,
         preconditioner: Preconditioner | None = None,
     ):
         if linear_solver not in LINEAR_SOLVERS:
@@ -149,7 +223,7 @@ class DiagonallyImplicitRungeKutta(Solver):
         self.gmres_restart = gmres_restart
         self.gmres_max_iters = gmres_max_iters
         self.gmres_rtol = gmres_rtol
-        self.adjoint_rtol = adjoint_rtol
+        self.transposed_rtol = transposed_rtol
         self.preconditioner = preconditioner
         self._c = [float(v) for v in tableau.c]
         self._a = [[float(v) for v in row[: i + 1]] for i, row in enumerate(tableau.a)]
@@ -188,7 +262,7 @@ class DiagonallyImplicitRungeKutta(Solver):
         """Whether stage equations are solved with dense LU (else GMRES)."""
         if self.linear_solver != "auto":
             return self.linear_solver == "dense"
-        block = y[0].numel() if self.batch_independent and y.dim() > 0 else y.numel()
+        block = math.prod(y.shape[1:]) if self.batch_independent and y.dim() > 0 else y.numel()
         return block <= _DENSE_MAX
 
     # ----------------------------------------------------------------------------- forward
@@ -205,6 +279,8 @@ class DiagonallyImplicitRungeKutta(Solver):
         if isinstance(outcome, NewtonConvergenceError) and not carry.jac_current:
             self._evaluate_jacobian(f, t, y, carry, dense)  # J was stale: retry once
             outcome = self._stages(f, t, h, hf, y, carry, dense)
+        if isinstance(outcome, NonFiniteError):
+            raise outcome
         if isinstance(outcome, NewtonConvergenceError):
             carry.eta = 1.0
             raise StepRejected(outcome, retry_carry=carry)
@@ -240,7 +316,8 @@ class DiagonallyImplicitRungeKutta(Solver):
         return lu
 
     def _stages(self, f, t, h, hf, y, carry, dense):
-        """All stages of one step; a NewtonConvergenceError (returned, not raised) on failure."""
+        """All stages of one step; on failure a NewtonConvergenceError, or a NonFiniteError when
+        f is non-finite at the stage time (returned, not raised)."""
         grad = torch.is_grad_enabled()
         t_d = t.detach()
         y_d = y.detach()
@@ -286,6 +363,10 @@ class DiagonallyImplicitRungeKutta(Solver):
                     residual, d0, solve, scale, kappa=self.newton_kappa,
                     max_iters=self.newton_max_iters, eta=carry.eta,
                 )
+                if not result.finite:
+                    nonfinite = self._nonfinite_f(f, t_d, t_i, y_d, ks[0], hf, i)
+                    if nonfinite is not None:
+                        return nonfinite
                 if not result.converged:
                     # Full Newton for this stage: re-linearise at every iterate.
                     def full_solve(g, d, r_d=r_d, fun=fun, solve=solve):
@@ -298,24 +379,64 @@ class DiagonallyImplicitRungeKutta(Solver):
                         max_iters=2 * self.newton_max_iters, give_up_early=False,
                     )
             if not result.converged:
+                how = (
+                    "an iterate made f or the linear solve non-finite" if not result.finite
+                    else f"contraction rate {result.rate:.3g}"
+                )
                 return NewtonConvergenceError(
                     f"Newton's method did not converge for stage {i + 1} of {self.name} at "
                     f"t={float(t_d):.10g} with step size h={hf:.3e} ({result.iterations} "
-                    f"iterations, contraction rate {result.rate:.3g}); with fixed steps, "
-                    "reduce step_size"
+                    f"iterations, {how}); with fixed steps, reduce step_size"
                 )
             slowest = max(slowest, result.rate)
             carry.eta = result.eta
             d = result.z
             if grad:
-                shift_t = h * gamma  # a tensor when times are differentiated
-                recorded = d - shift_t * f(t + self._c[i] * h, r + d)  # F(D*, r_i, θ) ≈ 0
-                if recorded.requires_grad:
-                    solve_t = _TransposedSolve(self, f, t_i, r_d + d, shift)
-                    d = d - _ImplicitStage.apply(recorded, solve_t)
+                d = self._attach(f, t, h, r, r_d, d, t_i, shift, gamma, i, dense)
             ks.append(d / (h * gamma))
             point = r + d
         return ks, point, slowest
+
+    def _nonfinite_f(self, f, t_n, t_i, y_n, k1, hf, i) -> NonFiniteError | None:
+        """After Newton met inf or nan: the error to raise when f itself is non-finite at the
+        step's start (K_1) or at the stage time t_i for the step's (finite) start state y_n,
+        where no smaller step or fresh Jacobian can help; None when it is the iteration's
+        fault (an iterate out of f's domain: retried as a Newton failure)."""
+        where = f"stage {i + 1} of {self.name} in the step from t={float(t_n):.10g}, h={hf:.3e}"
+        with torch.no_grad():
+            if not bool(torch.isfinite(k1).all()):
+                return NonFiniteError(
+                    f"f returned a non-finite value at t={float(t_n):.10g} (at the state "
+                    f"there; {where})"
+                )
+            value = f(t_i, y_n)
+            if not bool(torch.isfinite(value).all()):
+                return NonFiniteError(
+                    f"f returned a non-finite value at t={float(t_i):.10g} (at the state of "
+                    f"t={float(t_n):.10g}; {where})"
+                )
+        return None
+
+    def _attach(self, f, t, h, r, r_d, d, t_i, shift, gamma, i, dense):
+        """The converged stage D* = d attached to the graph (the direct gradient).
+
+        Implicit function theorem: D = D* − S(F(D*, r_i, θ)), F(D, r, θ) = D − hγ f(t_i, r + D),
+        S of value 0 and VJP (I − hγJ)^{-T}. Dense: that first-order-exact D₁ is the start of
+        one more (lazily differentiated) Newton step, so that double backward is exact too;
+        GMRES: one level, and double backward raises.
+        """
+        shift_t = h * gamma  # a tensor when times are differentiated
+        t_stage = t + self._c[i] * h
+        recorded = d - shift_t * f(t_stage, r + d)  # F(D*, r_i, θ) ≈ 0
+        if not recorded.requires_grad or d.numel() == 0:
+            return d
+        stage = _StageSolve(self, f, t_i, shift, dense, r_d + d)
+        if not dense:
+            return d - _ImplicitStage.apply(recorded, r_d + d, t_stage, shift_t, stage)
+        d1 = d - _StageAnchor.apply(recorded, stage)
+        point = r + d1
+        recorded = d1 - shift_t * f(t_stage, point)  # F(D₁, r_i, θ), the same value
+        return d1 - _ImplicitStage.apply(recorded, point, t_stage, shift_t, stage)
 
     # ------------------------------------------------------------------ discrete adjoint
     def _preconditioner(self, t: Tensor, y: Tensor, shift: float):
@@ -345,7 +466,7 @@ class DiagonallyImplicitRungeKutta(Solver):
             def vjp_fn(v, out=out, p=p):
                 with torch.enable_grad():
                     return torch.autograd.grad(out, p, v, retain_graph=True)
-        rtol = self.adjoint_rtol
+        rtol = self.transposed_rtol
         if rtol is None:
             rtol = max(1e-11, 100 * torch.finfo(rhs.dtype).eps)
         inverse = self._preconditioner(t_i, point, shift)
@@ -430,25 +551,52 @@ def _to_float(h: Scalar) -> float:
     return float(h.detach()) if isinstance(h, Tensor) else float(h)
 
 
-class _TransposedSolve:
-    """The backward of one implicit stage: (I − hγJ^T)^{-1} g at the converged stage point."""
+class _StageSolve:
+    """The backward of one implicit stage: (I − hγJ^T)^{-1} g at the converged stage point.
 
-    def __init__(self, solver, f, t_i, point, shift):
-        self.solver, self.f, self.t_i, self.point, self.shift = solver, f, t_i, point, shift
+    Called as `stage(g)`: without a graph, by the solver's `solve_transposed` (dense LU or
+    GMRES) at `point`, the detached stage point r_i + D*. `with_graph`: the same solve with a
+    graph through J(t_stage, point) and hγ as given, for double backward (dense only).
+    """
+
+    def __init__(self, solver, f, t_i: Tensor, shift: float, dense: bool, point: Tensor):
+        self.solver, self.f, self.t_i, self.shift = solver, f, t_i, shift
+        self.dense, self.point = dense, point
 
     def __call__(self, grad: Tensor) -> Tensor:
-        stats = getattr(self.f, "stats", None)  # count these evaluations as backward ones
-        phase = None if stats is None else stats.get("_phase")
-        if stats is not None:
-            stats["_phase"] = "backward"
-        try:
+        with _backward_phase(self.f):
             return self.solver.solve_transposed(self.f, self.t_i, self.point, self.shift, grad)
-        finally:
-            if stats is not None:
-                if phase is None:
-                    stats.pop("_phase", None)
-                else:
-                    stats["_phase"] = phase
+
+    def with_graph(self, grad: Tensor, point: Tensor, t_stage, shift) -> Tensor:
+        if not self.dense:
+            raise UnsupportedCombinationError(
+                f"{self.solver.name}: a second derivative (create_graph=True, hessian, hvp) "
+                "through implicit stages solved by GMRES is not supported, as the matrix-free "
+                'transposed solve cannot be differentiated exactly; use linear_solver="dense" '
+                "(or a first-order gradient)"
+            )
+        with _backward_phase(self.f):
+            jac = jacobian_with_graph(
+                lambda v: self.f(t_stage, v), point, self.solver.batch_independent
+            )
+            return shifted_solve(jac, shift, grad, transpose=True)
+
+
+@contextmanager
+def _backward_phase(f):
+    """Count f's evaluations as backward ones while inside."""
+    stats = getattr(f, "stats", None)
+    phase = None if stats is None else stats.get("_phase")
+    if stats is not None:
+        stats["_phase"] = "backward"
+    try:
+        yield
+    finally:
+        if stats is not None:
+            if phase is None:
+                stats.pop("_phase", None)
+            else:
+                stats["_phase"] = phase
 
 
 class CrankNicolson(DiagonallyImplicitRungeKutta):
