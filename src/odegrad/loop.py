@@ -214,6 +214,8 @@ def integrate(
             if plan is not None or failed_steps > _MAX_FAILED_STEPS:
                 raise rejection.error from None
             stats["n_rejected"] += 1
+            if isinstance(rejection.error, NonFiniteError):
+                nonfinite_retries += 1  # so an underflow after it is reported as non-finite
             rejected.append(h)
             carry = rejection.retry_carry if rejection.retry_carry is not None else carry
             h = h * rejection.factor
