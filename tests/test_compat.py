@@ -126,14 +126,15 @@ def case_rtol_atol():
 
 
 def case_method():
-    for method, pattern in (("rk4", "3/8 rule"), ("heun3", "heun3"), ("fehlberg2", "Fehlberg"),
-                            ("explicit_adams", "Adams"), ("implicit_adams", "Adams"),
-                            ("fixed_adams", "Adams"), ("scipy_solver", "scipy")):
+    for method, pattern in (("explicit_adams", "Adams"),
+                            ("implicit_adams", "Adams"), ("fixed_adams", "Adams"),
+                            ("scipy_solver", "scipy")):
         with pytest.raises(UnknownNameError, match=pattern):
             compat.odeint(Counted(), Y0, T2, method=method)
     with pytest.raises(UnknownNameError, match="'tsit5'"):
         compat.odeint(Counted(), Y0, T2, method="tsit5")  # not a torchdiffeq 0.2.5 method
-    for method in ("euler", "midpoint", "heun2"):  # the same schemes: the same numbers
+    for method in ("euler", "midpoint", "heun2", "rk4", "heun3"):  # the same schemes: the same
+        # numbers (rk4 is Kutta's 3/8 rule, odegrad's "rk4_38")
         ours, theirs = both(lambda lib, m=method: lib.odeint(Counted(), Y0, T7, method=m))
         assert close(ours, theirs, 1e-13), method
     for method in ("dopri5", "dopri8", "bosh3", "adaptive_heun"):  # odegrad's controller
@@ -174,8 +175,8 @@ def case_adjoint_tolerances():
 
 def case_adjoint_method():
     field = shared_field()
-    with pytest.raises(UnknownNameError, match="adjoint_method='rk4'"):
-        compat.odeint_adjoint(field, Y0, T2, adjoint_method="rk4")
+    with pytest.raises(UnknownNameError, match="adjoint_method='scipy_solver'"):
+        compat.odeint_adjoint(field, Y0, T2, adjoint_method="scipy_solver")
     with pytest.raises(ValueError, match="adjoint_options"):  # torchdiffeq's rule
         compat.odeint_adjoint(field, Y0, T2, adjoint_method="euler", options=dict(norm=None))
     kwargs = dict(adjoint_method="euler", adjoint_options=dict(step_size=0.1))
@@ -527,20 +528,30 @@ def test_fixed_grid_adjoint_matches_torchdiffeq():
     assert close(ours, theirs, 0.1) and not close(ours, theirs, 1e-10)
 
 
-def test_a_scheme_odegrad_gains_is_served(monkeypatch):
-    # Should odegrad gain Kutta's 3/8 rule (torchdiffeq's "rk4") under any name, the shim finds
-    # it by its coefficients and serves method="rk4" with it.
+def test_the_schemes_odegrad_gained_are_torchdiffeqs():
+    # torchdiffeq's rk4 (Kutta's 3/8 rule), heun3 and fehlberg2 map to odegrad tableaus with
+    # their coefficients.
     import numpy as np
 
-    from odegrad import solvers, tableaus
-    from odegrad.solvers.explicit import ExplicitRungeKutta
+    from odegrad import tableaus
+    from odegrad.compat.torchdiffeq.methods import METHODS, TORCHDIFFEQ_TABLEAUS
 
-    b = np.array([1 / 8, 3 / 8, 3 / 8, 1 / 8])
-    a = np.array([[0, 0, 0, 0], [1 / 3, 0, 0, 0], [-1 / 3, 1, 0, 0], [1, -1, 1, 0]], dtype=float)
-    tableau = tableaus.ButcherTableau(name="kutta38", c=np.array([0, 1 / 3, 2 / 3, 1]), a=a,
-                                      b=b, order=4, dense=b[:, None])
-    monkeypatch.setitem(tableaus.TABLEAUS, "kutta38", tableau)
-    monkeypatch.setitem(solvers.SOLVERS, "kutta38", lambda: ExplicitRungeKutta(tableau))
+    for name, (c, a_rows, b, error) in TORCHDIFFEQ_TABLEAUS.items():
+        ours = METHODS[name][2]
+        tableau = tableaus.TABLEAUS.get(ours) or getattr(tableaus, ours.upper())
+        a = np.zeros((len(c), len(c)))
+        for i, row in enumerate(a_rows, start=1):
+            a[i, :len(row)] = row
+        np.testing.assert_allclose(tableau.c, c, atol=1e-15)
+        np.testing.assert_allclose(tableau.a, a, atol=1e-15)
+        np.testing.assert_allclose(tableau.b, b, atol=1e-15)
+        if error is None:
+            assert not tableau.adaptive
+        else:
+            np.testing.assert_allclose(np.abs(tableau.error), error, atol=1e-15)
+    torchdiffeq_or_skip()
     ours, theirs = both(lambda lib: lib.odeint(Counted(), Y0, T7, method="rk4",
                                                options=dict(step_size=0.1)))
     assert close(ours, theirs, 1e-13)
+    classical = odegrad.odeint(Counted(), Y0, T7, method="rk4", step_size=0.1, adaptive=False)
+    assert not close(ours, classical, 1e-13)

@@ -41,6 +41,9 @@ DENSE_ORDER = {
     "dopri5": 4,  # Shampine's quartic
     "tsit5": 4,  # Tsitouras' own
     "dopri8": 7,  # tableaus._dopri8_extended
+    "rk4_38": 3,  # the unique cubic continuous extension
+    "heun3": 2,  # no order-3 extension on its three stages
+    "fehlberg2": 2,  # a quadratic on its three stages
     "implicit_euler": 3,  # cubic Hermite through (y_n, K_1), (y_{n+1}, K_s)
     "crank_nicolson": 3,
     "kvaerno3": 3,

@@ -26,7 +26,7 @@ from .solvers import SOLVERS, make_solver
 __all__ = ["odeint", "solve", "Solution", "METHOD_ALIASES"]
 
 # torchdiffeq's names for schemes that exist here.
-METHOD_ALIASES = {"explicit_adams": None, "fehlberg2": None, "adaptive_heun": "heun",
+METHOD_ALIASES = {"explicit_adams": None, "adaptive_heun": "heun",
                   "implicit_adams": None, "scipy_solver": None}
 
 _LOOP_OPTIONS = ("first_step", "adaptive", "norm")

@@ -414,8 +414,57 @@ DOPRI8 = ButcherTableau(
     error=_DOPRI8_EXT_ERROR, error_order=7, fsal=True, dense=_DOPRI8_DENSE,
 )
 
+# The schemes of torchdiffeq 0.2.5 that odegrad lacked (served by odegrad.compat.torchdiffeq under
+# torchdiffeq's names rk4, heun3, fehlberg2). None has a stage at (t_{n+1}, y_{n+1}), so each dense
+# output is a continuous extension from the order conditions (`_checked_extension`) with
+# b_i(1) = b_i: the interpolant ends on y_{n+1}.
+
+
+def _checked_extension(c, a_rows, b, order: int) -> np.ndarray:
+    """The continuous extension of the given order over the stages, checked to meet it."""
+    a = np.zeros((len(c), len(c)))
+    for i, row in enumerate(a_rows, start=1):
+        a[i, : len(row)] = row
+    dense = _continuous_extension(a, order, np.asarray(b, dtype=np.float64))
+    defect = _dense_order_defect(a, dense, order)
+    if not defect < 1e-12:
+        raise RuntimeError(f"dense output of order {order}: conditions missed by {defect:.1e}")
+    return dense
+
+
+# Kutta's 3/8 rule (torchdiffeq's "rk4", its rk4_alt_step_func). Its four stages determine a
+# unique cubic extension of order 3 (the order-3 conditions are four, on an invertible system),
+# which ends on b.
+_RK4_38 = ([0.0, 1 / 3, 2 / 3, 1.0], [[1 / 3], [-1 / 3, 1.0], [1.0, -1.0, 1.0]],
+           [1 / 8, 3 / 8, 3 / 8, 1 / 8])
+RK4_38 = _tableau("rk4_38", *_RK4_38, order=4, dense=_checked_extension(*_RK4_38, order=3))
+
+# Heun's third-order method (torchdiffeq's "heun3"). Three stages admit no extension of order 3
+# (b_3(θ) = 3θ³/4 is forced by the tall tree, and then the bushy one fails for θ ≠ 1), so its
+# dense output is the quadratic of order 2, as for "heun".
+_HEUN3 = ([0.0, 1 / 3, 2 / 3], [[1 / 3], [0.0, 2 / 3]], [1 / 4, 0.0, 3 / 4])
+HEUN3 = _tableau("heun3", *_HEUN3, order=3, dense=_checked_extension(*_HEUN3, order=2))
+
+# Fehlberg's RK2(1) pair as torchdiffeq 0.2.5 has it (_impl/fehlberg2.py): the second-order
+# solution b = (1/512, 255/256, 1/512) is propagated (local extrapolation) and the first-order
+# b_hat = (1/256, 255/256, 0), Fehlberg's own solution and the third stage point, is the
+# embedded one; err = y − ŷ = h(−K_1 + K_3)/512. The third stage is f(t_{n+1}, ŷ_{n+1}), not
+# f(t_{n+1}, y_{n+1}), so the scheme is not FSAL. (torchdiffeq nevertheless reuses it as the next
+# step's first stage; odegrad evaluates f(t_{n+1}, y_{n+1}), so the two agree on the first step
+# and to the scheme's order after it.) Dense output: the quadratic of order 2 (b is of order 2).
+_FEHLBERG2 = ([0.0, 0.5, 1.0], [[0.5], [1 / 256, 255 / 256]], [1 / 512, 255 / 256, 1 / 512])
+FEHLBERG2 = _tableau(
+    "fehlberg2", *_FEHLBERG2, order=2, error=[-1 / 512, 0.0, 1 / 512], error_order=1,
+    dense=_checked_extension(*_FEHLBERG2, order=2),
+)
+
+# FEHLBERG2 is not registered yet: odegrad.api.METHOD_ALIASES still maps the name "fehlberg2" to
+# None (torchdiffeq's, "not implemented"), which would shadow it. Dropping that alias and adding
+# FEHLBERG2 here (and "fehlberg2": 2 to tests/test_dense_output.py's DENSE_ORDER) registers it.
 TABLEAUS: dict[str, ButcherTableau] = {
-    t.name: t for t in (EULER, MIDPOINT, HEUN, RK4, BOSH3, DOPRI5, TSIT5, DOPRI8)
+    t.name: t for t in (
+        EULER, MIDPOINT, HEUN, RK4, BOSH3, DOPRI5, TSIT5, DOPRI8, RK4_38, HEUN3, FEHLBERG2
+    )
 }
 EXPLICIT_METHODS = tuple(TABLEAUS)
 
