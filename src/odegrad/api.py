@@ -6,7 +6,7 @@ import inspect
 import math
 import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
@@ -17,10 +17,11 @@ from .errors import (
     UnknownNameError,
     UnsupportedCombinationError,
 )
+from .events import EventTime, locate_event, validate_event
 from .gradients import gradient_options as gradient_option_names
 from .gradients import load_gradient
 from .loop import DEFAULT_MAX_STEPS
-from .problem import CountedField, Problem, TupleField, restored_buffers, validate_tolerance
+from .problem import CountedField, Problem, TupleField, probe_graph, validate_tolerance
 from .solvers import SOLVERS, make_solver
 
 __all__ = ["odeint", "solve", "Solution", "METHOD_ALIASES"]
@@ -29,7 +30,7 @@ __all__ = ["odeint", "solve", "Solution", "METHOD_ALIASES"]
 METHOD_ALIASES = {"explicit_adams": None, "adaptive_heun": "heun",
                   "implicit_adams": None, "scipy_solver": None}
 
-_LOOP_OPTIONS = ("first_step", "adaptive", "norm")
+_LOOP_OPTIONS = ("first_step", "adaptive", "norm", "on_attempt", "on_accept", "on_reject")
 
 
 @dataclass
@@ -43,6 +44,10 @@ class Solution:
     ts: Tensor
     ys: Tensor | tuple[Tensor, ...]
     stats: dict = field(default_factory=dict)
+    # With event_fn: the event time t* and state y(t*) (also ts[-1], ys[-1]), differentiable;
+    # None when no event occurred before t[-1].
+    event_t: Tensor | None = None
+    event_y: Tensor | tuple[Tensor, ...] | None = None
 
 
 def odeint(
@@ -50,9 +55,13 @@ def odeint(
 ) -> Tensor | tuple[Tensor, ...]:
     """Solve y' = f(t, y) and return y at every time in t, shape (len(t), *y0.shape).
 
-    Same keywords as `solve`; y0 may be a tuple of tensors, giving a tuple of outputs.
+    Same keywords as `solve`; y0 may be a tuple of tensors, giving a tuple of outputs. With
+    `event_fn=`, returns (event time or None, outputs at [t0, event time]) as torchdiffeq does.
     """
-    return solve(f, y0, t, **kwargs).ys
+    solution = solve(f, y0, t, **kwargs)
+    if kwargs.get("event_fn") is not None:
+        return solution.event_t, solution.ys
+    return solution.ys
 
 
 def solve(
@@ -68,6 +77,8 @@ def solve(
     checkpoints: str | int | None = None,
     params: Sequence[Tensor] | None = None,
     max_steps: int = DEFAULT_MAX_STEPS,
+    event_fn: Callable | None = None,
+    event_direction: int = 0,
     **options,
 ) -> Solution:
     """Solve y' = f(t, y), y(t[0]) = y0, and return a `Solution` at the times t.
@@ -87,8 +98,22 @@ def solve(
         params: tensors to differentiate besides y0 and t; default: f.parameters() when f is
             an nn.Module.
         max_steps: the most steps attempted before MaxStepsExceededError.
+        event_fn: g(t, y) -> tensor: stop at the first time in (t[0], t[1]] where a component
+            of g crosses zero (t must be [t0, t_end]); the Solution then holds ts = [t0, t*],
+            ys = [y0, y(t*)] and event_t, event_y, differentiable w.r.t. y0, t0 and the
+            parameters of f through any gradient method (events.py). g's own tensors must not
+            require grad.
+        event_direction: -1 counts only crossings where g falls through zero, 1 only rising
+            ones, 0 (default) both. A component exactly zero at t0 is armed once it leaves 0.
         **options: method options (coupling=, eta=, ...) and gradient options (n_nodes=,
-            adjoint_rtol=, ...); an option nobody takes raises UnknownNameError.
+            adjoint_rtol=, ...); an option nobody takes raises UnknownNameError. Step
+            callbacks, each a callable (t, y, h) whose return value is ignored:
+            `on_attempt=` before each step attempt (t_n, y_n, h), `on_accept=` after each
+            accepted step (t_n, y_{n+1}, h_n), `on_reject=` after each rejected attempt
+            (t_n, y_n, the rejected h); t and h are 0-dim tensors (h signed, negative for
+            decreasing t), y a detached copy of the solution (a tuple for a tuple state).
+            They run during the forward solve only, once per step (stats n_steps,
+            n_accepted, n_rejected) for every gradient method, never in a backward pass.
     """
     stats: dict = {"nfe_forward": 0, "nfe_backward": 0}
     method = _resolve_method(method)
@@ -140,6 +165,8 @@ def solve(
         adaptive=solver.adaptive if adaptive is None else adaptive,
         max_steps=max_steps, stats=stats, module=module,
         **({"norm": loop_options["norm"]} if "norm" in loop_options else {}),
+        **{k: v for k, v in loop_options.items() if k.startswith("on_")},
+        state_view=TupleField(f, shapes).unflatten if is_tuple else None,
     )
     if problem.adaptive:
         _check_tolerances_positive(problem.rtol, problem.atol)
@@ -149,12 +176,39 @@ def solve(
     if check is not None:
         check(problem)
     stats["method"] = solver.name
-    ys = gradient_module.solve(problem, **gradient_options)
+    event_t = event_y = None
+    if event_fn is None:
+        ys = gradient_module.solve(problem, **gradient_options)
+    else:
+        t, ys, event_t, event_y = _solve_until_event(
+            problem, gradient_module, gradient_options, field_, event_fn, event_direction,
+            TupleField(f, shapes).unflatten if is_tuple else None,
+        )
     if is_tuple:
         ys = TupleField(f, shapes).unflatten(ys)
+        event_y = None if event_y is None else TupleField(f, shapes).unflatten(event_y)
     stats.setdefault("checkpoint_bytes", 0)
     stats.setdefault("nfe_backward", 0)
-    return Solution(ts=t, ys=ys, stats=stats)
+    return Solution(ts=t, ys=ys, stats=stats, event_t=event_t, event_y=event_y)
+
+
+def _solve_until_event(problem: Problem, gradient_module, gradient_options: dict, field_,
+                       event_fn: Callable, direction: int, unflatten):
+    """Locate the first event without a graph, then solve to it with the gradient method and
+    attach the implicit-function gradient of the crossing (events.py)."""
+    g = event_fn if unflatten is None else (lambda t, y: event_fn(t, unflatten(y)))
+    validate_event(event_fn, direction, problem.t, problem.y0, g)
+    before = problem.stats["nfe_forward"]
+    found = locate_event(problem, g, direction)
+    problem.stats["nfe_event_search"] = problem.stats["nfe_forward"] - before
+    if found is None:
+        return problem.t, gradient_module.solve(problem, **gradient_options), None, None
+    t_star, component = found
+    t = problem.t
+    times = torch.stack([t[0], torch.tensor(t_star, dtype=t.dtype, device=t.device)])
+    ys = gradient_module.solve(replace(problem, t=times), **gradient_options)
+    event_t, event_y = EventTime.apply(field_, g, component, times[1], ys[-1])
+    return torch.stack([t[0], event_t]), torch.stack([ys[0], event_y]), event_t, event_y
 
 
 def _is_positive_number(x) -> bool:
@@ -233,9 +287,9 @@ def probe_field(f, y0: Tensor, t: Tensor, params: Sequence[Tensor], gradient: st
             key, cached = None, None
         if cached is not None and cached[0] == ids:
             return cached[1]
-    missing, draws_random = _uncovered_leaves(f, y0, t, params, module)
+    missing, draws_random = probe_graph(f, y0, t, params, module)
     if missing:
-        again = {id(v) for v in _uncovered_leaves(f, y0, t, params, module)[0]}
+        again = {id(v) for v in probe_graph(f, y0, t, params, module)[0]}
         missing = [v for v in missing if id(v) in again]
     if missing:
         shapes = ", ".join(str(tuple(v.shape)) for v in missing[:5])
@@ -253,39 +307,6 @@ def probe_field(f, y0: Tensor, t: Tensor, params: Sequence[Tensor], gradient: st
 
 # f -> (the ids of the params it passed `probe_field` with, whether it draws random numbers).
 _PROBED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _uncovered_leaves(f, y0: Tensor, t: Tensor, params: Sequence[Tensor],
-                      module: torch.nn.Module | None) -> tuple[list[Tensor], bool]:
-    """The leaves requiring grad that one evaluation f(t0, y0) reaches without passing
-    through `params`, and whether the evaluation advanced a random generator."""
-    targets = {id(p) for p in params}
-    stops = {p.grad_fn for p in params if p.grad_fn is not None}
-    generators = [torch.default_generator]
-    if y0.device.type == "cuda":
-        index = y0.device.index if y0.device.index is not None else torch.cuda.current_device()
-        generators.append(torch.cuda.default_generators[index])
-    with torch.enable_grad(), restored_buffers(module), torch.random.fork_rng(
-        devices=[y0.device] if y0.device.type == "cuda" else []
-    ):
-        before = [g.get_state() for g in generators]
-        out = f(t[0].detach(), y0.detach())
-        draws_random = any(not torch.equal(b, g.get_state()) for b, g in zip(before, generators))
-    roots = [out.grad_fn] if isinstance(out, Tensor) and out.grad_fn is not None else []
-    missing: list[Tensor] = []
-    seen: set = set()
-    while roots:
-        node = roots.pop()
-        if node is None or node in seen or node in stops:
-            continue
-        seen.add(node)
-        variable = getattr(node, "variable", None)
-        if variable is not None:
-            if id(variable) not in targets:
-                missing.append(variable)
-            continue
-        roots.extend(next_node for next_node, _ in node.next_functions)
-    return missing, draws_random
 
 
 def _resolve_method(method: str) -> str:

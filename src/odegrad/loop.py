@@ -89,6 +89,8 @@ class Trajectory:
 
 
 OnStep = Callable[[StepRecord, Tensor, Step], None]
+# A user step callback as the loop calls it: (t_n as a tensor, the observed state, h as a float).
+StepHook = Callable[[Tensor, Tensor, float], None]
 
 
 def integrate(
@@ -106,6 +108,9 @@ def integrate(
     on_step: OnStep | None = None,
     stats: dict | None = None,
     check_each_step: bool = False,
+    on_attempt: StepHook | None = None,
+    on_accept: StepHook | None = None,
+    on_reject: StepHook | None = None,
 ) -> tuple[list[Tensor], Trajectory]:
     """Solve y' = f(t, y) from y0 at t[0] and return y at every t[i], with the trajectory.
 
@@ -115,6 +120,12 @@ def integrate(
     per output interval. Outputs between step ends come from the scheme's dense output.
     Differentiable by autograd when run with grad enabled ("direct"); `on_step` sees every
     accepted step (the gradient methods keep their checkpoints through it).
+
+    `on_attempt(t_n, y_n, h)` runs before each step attempt, `on_accept(t_n, y_{n+1}, h_n)`
+    after each accepted step and `on_reject(t_n, y_n, h)` after each rejected attempt (once per
+    count in stats n_steps, n_accepted, n_rejected), with t_n the step's time tensor, y the
+    observed state (`solver.observe`) and h the float step size; without them the loop does
+    nothing more per step.
 
     Fixed steps (three or more) with times that are not differentiated read t_n and the stage
     times of a solver that `takes_stage_times` from one table built before the loop
@@ -206,6 +217,8 @@ def integrate(
             anchor_time = t[step_anchor] if time_grad else t[step_anchor].detach()
             t_tensor, options = anchor_time + step_offset, {}
         h_used = trajectory.step_size(t, record, t_tensor) if time_grad else h
+        if on_attempt is not None:
+            on_attempt(t_tensor, solver.observe(y), h)
         try:
             step = solver.step(f, t_tensor, h_used, y, carry, **options)
         except StepRejected as rejection:
@@ -214,6 +227,8 @@ def integrate(
             if plan is not None or failed_steps > _MAX_FAILED_STEPS:
                 raise rejection.error from None
             stats["n_rejected"] += 1
+            if on_reject is not None:
+                on_reject(t_tensor, solver.observe(y), h)
             if isinstance(rejection.error, NonFiniteError):
                 nonfinite_retries += 1  # so an underflow after it is reported as non-finite
             rejected.append(h)
@@ -239,6 +254,8 @@ def integrate(
                         f"f returned a non-finite value at t={t_n:.10g} (step size {h:.3e})"
                     )
                 stats["n_rejected"] += 1
+                if on_reject is not None:
+                    on_reject(t_tensor, solver.observe(y), h)
                 rejected.append(h)
                 carry = step.retry_carry if step.retry_carry is not None else carry
                 h = h * controller.min_factor
@@ -248,6 +265,8 @@ def integrate(
             h_next = controller.propose(h, ratio, accepted)
             if not accepted:
                 stats["n_rejected"] += 1
+                if on_reject is not None:
+                    on_reject(t_tensor, solver.observe(y), h)
                 rejected.append(h)
                 carry = step.retry_carry if step.retry_carry is not None else carry
                 h = h_next
@@ -263,6 +282,8 @@ def integrate(
         trajectory.steps.append(record)
         if on_step is not None:
             on_step(record, y, step)
+        if on_accept is not None:
+            on_accept(t_tensor, solver.observe(step.y), h)
         t_next = t_end if end_anchor == len(t) - 1 else t_n + h
         next_output = _emit_outputs(
             solver, t, times, direction, record, t_tensor, h_used, y, step, t_next,

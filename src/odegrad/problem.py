@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -38,6 +38,23 @@ class Problem:
     module: torch.nn.Module | None = None  # f's module, when f is one (for buffer handling)
     # f was seen to draw random numbers (api.probe_field), e.g. dropout inside a closure.
     draws_random: bool = False
+    # The user's step callbacks, each (t, y, h) -> ignored (solve's options of these names): before
+    # each step attempt, after each accepted step, after each rejected attempt. `state_view` maps
+    # the flat state to the user's (a tuple state's tensors). Called by the forward solve only.
+    on_attempt: Callable | None = None
+    on_accept: Callable | None = None
+    on_reject: Callable | None = None
+    state_view: Callable | None = None
+
+    def __post_init__(self) -> None:
+        from .errors import InvalidInputError
+
+        for name in STEP_CALLBACKS:
+            value = getattr(self, name)
+            if value is not None and not callable(value):
+                raise InvalidInputError(
+                    f"{name}= must be a callable (t, y, h) or None, got {type(value).__name__}"
+                )
 
     def stochastic(self) -> bool:
         """Whether f's value depends on random draws: active dropout in f's module, or random
@@ -45,12 +62,41 @@ class Problem:
         return self.draws_random or has_active_dropout(self.module)
 
     def integrate(self, y0: Tensor | None = None, on_step=None) -> tuple[list[Tensor], Trajectory]:
-        """Run the forward loop with this problem's settings (grad mode as the caller has it)."""
+        """Run the forward loop with this problem's settings (grad mode as the caller has it).
+
+        The user's step callbacks see this run unless it is a re-run of a backward pass
+        (`backward_phase`: a double backward's re-run, ...), so each sees every step once."""
+        callbacks = {}
+        if self.stats.get("_phase") != "backward":
+            callbacks = {
+                name: _user_callback(getattr(self, name), self.state_view)
+                for name in STEP_CALLBACKS if getattr(self, name) is not None
+            }
         return integrate(
             self.f, self.y0 if y0 is None else y0, self.t, self.solver,
             rtol=self.rtol, atol=self.atol, step_size=self.step_size, adaptive=self.adaptive,
             max_steps=self.max_steps, norm=self.norm, on_step=on_step, stats=self.stats,
+            **callbacks,
         )
+
+
+STEP_CALLBACKS = ("on_attempt", "on_accept", "on_reject")
+
+
+def _user_callback(callback: Callable, view: Callable | None) -> Callable:
+    """The loop's (t_n tensor, observed state, h float) hook calling `callback(t, y, h)` with
+    copies: t and h fresh 0-dim tensors (t's dtype and device, made by a copy and a fill kernel,
+    so no host synchronisation), y a detached copy in the user's view. Nothing the callback does
+    to them reaches the solve or its gradient; its return value is ignored."""
+
+    def hook(t: Tensor, y: Tensor, h: float) -> None:
+        y = y.detach().clone()
+        callback(
+            t.detach().clone(), y if view is None else view(y),
+            torch.full((), h, dtype=t.dtype, device=t.device),
+        )
+
+    return hook
 
 
 class CountedField:
@@ -164,6 +210,39 @@ def backward_phase(problem: Problem) -> Iterator[None]:
             stats.pop("_phase", None)
         else:
             stats["_phase"] = previous
+
+
+def probe_graph(f, y0: Tensor, t: Tensor, params: Sequence[Tensor],
+                module: torch.nn.Module | None = None) -> tuple[list[Tensor], bool]:
+    """The leaves requiring grad that one evaluation f(t0, y0) reaches without passing
+    through `params`, and whether the evaluation advanced a random generator."""
+    targets = {id(p) for p in params}
+    stops = {p.grad_fn for p in params if p.grad_fn is not None}
+    generators = [torch.default_generator]
+    if y0.device.type == "cuda":
+        index = y0.device.index if y0.device.index is not None else torch.cuda.current_device()
+        generators.append(torch.cuda.default_generators[index])
+    with torch.enable_grad(), restored_buffers(module), torch.random.fork_rng(
+        devices=[y0.device] if y0.device.type == "cuda" else []
+    ):
+        before = [g.get_state() for g in generators]
+        out = f(t[0].detach(), y0.detach())
+        draws_random = any(not torch.equal(b, g.get_state()) for b, g in zip(before, generators))
+    roots = [out.grad_fn] if isinstance(out, Tensor) and out.grad_fn is not None else []
+    missing: list[Tensor] = []
+    seen: set = set()
+    while roots:
+        node = roots.pop()
+        if node is None or node in seen or node in stops:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)
+        if variable is not None:
+            if id(variable) not in targets:
+                missing.append(variable)
+            continue
+        roots.extend(next_node for next_node, _ in node.next_functions)
+    return missing, draws_random
 
 
 def has_active_dropout(module: torch.nn.Module | None) -> bool:
