@@ -183,3 +183,29 @@ def test_every_gradient_module_declares_its_options():
         declared = set(getattr(module, "OPTIONS", ()))
         accepted = set(inspect.signature(module.solve).parameters) - {"problem", "options"}
         assert accepted <= declared | {"checkpoints"}, gradient
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("gradient", ["discrete", "reversible"])
+def test_event_gradients_of_exact_methods_equal_direct(method, gradient):
+    """Events join every method: the event time's and state's gradients (implicit function
+    theorem over the solve to t*) equal direct's through the same scheme."""
+
+    def event_loss(grad_method, scheme):
+        field = Field()
+        y0 = torch.tensor([[0.5, -0.4], [0.1, 0.8]], dtype=DT, requires_grad=True)
+        sol = odegrad.solve(field, y0, torch.tensor([0.0, 3.0], dtype=DT), method=scheme,
+                            gradient=grad_method, event_fn=lambda t, y: y[0, 0] - 0.9,
+                            **settings(scheme))
+        if sol.event_t is None:
+            pytest.fail(f"no event with {scheme}")
+        loss = 3 * sol.event_t + sol.event_y.pow(2).sum()
+        return sol, torch.cat([g.reshape(-1) for g in torch.autograd.grad(
+            loss, [y0, *field.parameters()])])
+
+    try:
+        sol, got = event_loss(gradient, method)
+    except odegrad.UnsupportedCombinationError:
+        return  # refused, as test_combination checks
+    _, want = event_loss("direct", sol.stats.get("method", method))
+    assert rel(got, want) < 1e-10

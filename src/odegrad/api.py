@@ -199,7 +199,10 @@ def _solve_until_event(problem: Problem, gradient_module, gradient_options: dict
     g = event_fn if unflatten is None else (lambda t, y: event_fn(t, unflatten(y)))
     validate_event(event_fn, direction, problem.t, problem.y0, g)
     before = problem.stats["nfe_forward"]
-    found = locate_event(problem, g, direction)
+    scheme = getattr(gradient_module, "solver_for", None)  # a gradient that changes the scheme
+    search = problem if scheme is None else replace(
+        problem, solver=scheme(problem, **gradient_options))
+    found = locate_event(search, g, direction)
     problem.stats["nfe_event_search"] = problem.stats["nfe_forward"] - before
     if found is None:
         return problem.t, gradient_module.solve(problem, **gradient_options), None, None

@@ -2,7 +2,8 @@
 
 A module may also expose `check(problem)`, raising UnsupportedCombinationError when it cannot
 serve the problem's solver, `OPTIONS`, the option names it takes, and `options_for(names)`, the
-subset it takes next to a method whose own options are `names` (default: all of OPTIONS).
+subset it takes next to a method whose own options are `names` (default: all of OPTIONS), and
+`solver_for(problem, **options)`, the scheme it solves when that is not the problem's own.
 """
 
 from __future__ import annotations

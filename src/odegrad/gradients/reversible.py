@@ -77,17 +77,25 @@ def solve(
     problem: Problem, coupling: float | None = None, drift_tol: float | None = None
 ) -> Tensor:
     """The outputs at problem.t, differentiable w.r.t. y0, t and problem.params."""
+    solver = solver_for(problem, coupling)
+    problem = replace(problem, solver=solver)
+    problem.stats["method"] = solver.name
+    return _ReversibleSolve.apply(problem, drift_tol, problem.t, problem.y0, *problem.params)
+
+
+def solver_for(problem: Problem, coupling: float | None = None, **_) -> ReversibleSolver:
+    """The scheme this gradient solves: the problem's reversible solver, or McCallum–Foster
+    over its plain explicit method with `coupling` (default 0.999). The API locates events
+    with it too, so the event is that of the scheme differentiated."""
     solver = problem.solver
     if isinstance(solver, ExplicitRungeKutta):
-        solver = ReversibleRungeKutta(solver, coupling=0.999 if coupling is None else coupling)
-    elif coupling is not None:
+        return ReversibleRungeKutta(solver, coupling=0.999 if coupling is None else coupling)
+    if coupling is not None:
         raise InvalidInputError(
             f"coupling= wraps a plain explicit Runge–Kutta method; method {solver.name!r} is "
             f"reversible already (give its own options, e.g. eta= for alf)"
         )
-    problem = replace(problem, solver=solver)
-    problem.stats["method"] = solver.name
-    return _ReversibleSolve.apply(problem, drift_tol, problem.t, problem.y0, *problem.params)
+    return solver
 
 
 class _ReversibleSolve(torch.autograd.Function):
