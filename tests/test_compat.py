@@ -127,8 +127,7 @@ def case_rtol_atol():
 
 def case_method():
     for method, pattern in (("explicit_adams", "Adams"),
-                            ("implicit_adams", "Adams"), ("fixed_adams", "Adams"),
-                            ("scipy_solver", "scipy")):
+                            ("implicit_adams", "Adams"), ("fixed_adams", "Adams")):
         with pytest.raises(UnknownNameError, match=pattern):
             compat.odeint(Counted(), Y0, T2, method=method)
     with pytest.raises(UnknownNameError, match="'tsit5'"):
@@ -175,8 +174,6 @@ def case_adjoint_tolerances():
 
 def case_adjoint_method():
     field = shared_field()
-    with pytest.raises(UnknownNameError, match="adjoint_method='scipy_solver'"):
-        compat.odeint_adjoint(field, Y0, T2, adjoint_method="scipy_solver")
     with pytest.raises(ValueError, match="adjoint_options"):  # torchdiffeq's rule
         compat.odeint_adjoint(field, Y0, T2, adjoint_method="euler", options=dict(norm=None))
     kwargs = dict(adjoint_method="euler", adjoint_options=dict(step_size=0.1))

@@ -29,7 +29,7 @@ Honoured:
     callback the solver does not support with its "does not support callbacks" warning.
 
 Raised (InvalidInputError or UnknownNameError, each naming the option):
-    methods odegrad lacks: explicit_adams, implicit_adams, fixed_adams, scipy_solver;
+    methods odegrad lacks: explicit_adams, implicit_adams, fixed_adams;
     event_fn (and odeint_event, odeint_dense); options min_step/max_step/safety/ifactor/dfactor
     other than the defaults; dtype asking for float32 time arithmetic; a callable
     adjoint_options["norm"] for an adaptive adjoint method; adjoint options the backward solve

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from ...errors import InvalidInputError
+from . import scipy_solver
 from .methods import resolve
 from .options import (
     _boundaries,
@@ -17,6 +18,7 @@ from .options import (
     _tolerance,
 )
 from .problem import _Problem
+from .state import _mixed_norm, _unflatten
 
 
 def odeint_adjoint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None,
@@ -60,6 +62,12 @@ def odeint_adjoint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=No
         chosen = {id(p) for p in params}
         problem.func.frozen = tuple(p for p in func.parameters()
                                     if p.requires_grad and id(p) not in chosen)
+    adjoint_name = "dopri5" if adjoint_method is None else adjoint_method
+    if problem.family == "scipy" or resolve(adjoint_name, "adjoint_method")[1] == "scipy":
+        # scipy's solve_ivp forward or backward: torchdiffeq's adjoint, interval by interval
+        return problem.unflatten(_scipy_adjoint(
+            problem, params, rtol if adjoint_rtol is None else adjoint_rtol,
+            atol if adjoint_atol is None else adjoint_atol, adjoint_name, dict(adjoint_options)))
     adjoint = adjoint_settings(
         problem,
         rtol if adjoint_rtol is None else adjoint_rtol,
@@ -67,6 +75,70 @@ def odeint_adjoint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=No
         adjoint_method, dict(adjoint_options),
     )
     return problem.unflatten(problem.solve("backsolve", dict(adjoint, params=params)))
+
+
+def _scipy_adjoint(problem, params, rtol, atol, name, options):
+    """odeint_adjoint where the forward or the backward solve is scipy_solver: torchdiffeq's
+    OdeintAdjointMethod (scipy_solver.Adjoint), the other solve by the shim's own solver."""
+    cls, family, _, _ = resolve(name, "adjoint_method")
+    _check_callbacks(problem.user_func, name, family, "_adjoint")
+    n_aug = 1 + 2 * problem.y0.numel() + sum(p.numel() for p in params)
+    if family == "scipy":
+        scipy_solver.check_options(options, "adjoint_options")
+        kwargs = scipy_solver.settings(_sort_options(cls, family, options, "adjoint_options"),
+                                       "adjoint_options")
+        scipy_solver.tolerance(rtol, n_aug, "adjoint_rtol")
+        scipy_solver.tolerance(atol, n_aug, "adjoint_atol")
+        interval = scipy_solver.scipy_interval(rtol, atol, kwargs)
+    else:
+        interval = _shim_interval(problem, params, rtol, atol, name, options)
+    if problem.family == "scipy":
+        def forward():
+            if len(problem.t) == 1:
+                return problem.y0.detach().unsqueeze(0).clone()
+            return scipy_solver.integrate(problem.func, problem.y0, problem.t, problem.rtol,
+                                          problem.atol, problem.scipy)
+    else:
+        def forward():
+            return problem.solve("direct", {})
+    run = scipy_solver.Adjoint(problem.func, forward, interval)
+    return run.apply(problem.t, problem.y0, params)
+
+
+def _shim_interval(problem, params, rtol, atol, name, options):
+    """The augmented backward solve over one interval by the shim's odeint (adjoint_method
+    not scipy_solver, the forward scipy_solver), with torchdiffeq's adjoint norm: the max of
+    |time adjoint|, the state norm of y and of its adjoint, and (unless "seminorm") the RMS of
+    each parameter's adjoint."""
+    norm = options.pop("norm", None)
+    if callable(norm) or not (norm is None or norm == "seminorm"):
+        raise InvalidInputError(
+            f"adjoint_options['norm']={norm!r}: the shim's adjoint takes norm='seminorm' or no "
+            "norm (torchdiffeq's default), not a function of the augmented state"
+        )
+    shapes = problem.shapes
+
+    def state_norm(x):
+        if shapes is None:
+            return x.abs().pow(2).mean().sqrt()
+        return _mixed_norm(_unflatten(x, shapes))
+
+    def adjoint_norm(parts):
+        values = [parts[0].abs(), state_norm(parts[1]), state_norm(parts[2])]
+        if norm is None:
+            values += [p.abs().pow(2).mean().sqrt() for p in parts[3:]]
+        return max(values)
+
+    options["norm"] = adjoint_norm
+    aug0 = (problem.y0.new_zeros(()), problem.y0, problem.y0, *params)
+    _Problem(lambda s, a: a, tuple(x.detach() for x in aug0), problem.t.detach()[:2], rtol, atol,
+             name, options, None)  # the adjoint options checked now, not in backward
+
+    def interval(g, parts, ts):
+        sub = _Problem(g, parts, ts, rtol, atol, name, options, None)
+        return tuple(y[1] for y in sub.unflatten(sub.solve("direct", {})))
+
+    return interval
 
 
 def adjoint_settings(problem, rtol, atol, method, options) -> dict:

@@ -36,7 +36,6 @@ MISSING = {
     "explicit_adams": "odegrad has no Adams multistep methods (one-step schemes only)",
     "implicit_adams": "odegrad has no Adams multistep methods (one-step schemes only)",
     "fixed_adams": "odegrad has no Adams multistep methods (one-step schemes only)",
-    "scipy_solver": "odegrad does not wrap scipy.integrate.solve_ivp",
 }
 
 
@@ -48,6 +47,8 @@ def resolve(name, keyword):
             f"{', '.join(METHODS)} (odegrad's other schemes: odegrad.odeint)"
         )
     cls, family, og_method = METHODS[name]
+    if family == "scipy":  # scipy.integrate.solve_ivp (scipy_solver.py), not an odegrad scheme
+        return cls, family, None, False
     if og_method is None or og_method not in SOLVERS:
         raise UnknownNameError(
             f"{keyword}={name!r} (torchdiffeq) is not available in odegrad: {MISSING[name]}"

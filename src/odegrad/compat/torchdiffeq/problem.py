@@ -9,6 +9,7 @@ from ...api import odeint as _odeint
 from ...errors import InvalidInputError, MaxStepsExceededError
 from ...loop import fixed_step_count
 from ...solvers import SOLVERS
+from . import scipy_solver
 from .methods import resolve
 from .options import (
     MAX_NUM_STEPS,
@@ -60,6 +61,8 @@ class _Problem:
         self.name = "dopri5" if method is None else method
         self.cls, self.family, self.og_method, self.fixed_mode = resolve(self.name, "method")
         self.options_norm = (options or {}).get("norm")
+        if self.family == "scipy":
+            scipy_solver.check_options(options, "options")
         self.options = _sort_options(self.cls, self.family, dict(options or {}), "options")
         self.rtol = _tolerance(rtol, self.shapes, "rtol")
         self.atol = _tolerance(atol, self.shapes, "atol")
@@ -67,7 +70,10 @@ class _Problem:
         self.adaptive = self.family == "adaptive"
         self.adjoint_step, self.adjoint_grid = None, None
         self.boundaries, self.perturb = {}, False
-        if self.adaptive:
+        if self.family == "scipy":  # solve_ivp's keywords (scipy_solver.py)
+            self.scipy, self.norm = scipy_solver.settings(self.options, "options"), None
+            self.max_num_steps = MAX_NUM_STEPS
+        elif self.adaptive:
             self._read_adaptive_options()
         else:
             self._read_fixed_options()
@@ -118,6 +124,13 @@ class _Problem:
         self.gradient, self.extra = gradient, extra
         if len(self.t) == 1:
             return self.y0.unsqueeze(0)
+        if self.family == "scipy":
+            if gradient != "direct":
+                raise InvalidInputError(
+                    f"method 'scipy_solver' with gradient={gradient!r}: its gradients come "
+                    "from odeint_adjoint's own adjoint solve (scipy_solver.Adjoint)"
+                )
+            return scipy_solver.odeint(self)
         if self.adaptive:
             return self._solve_adaptive()
         return self._solve_fixed()
