@@ -9,6 +9,7 @@ import torch
 
 import odegrad
 from odegrad.errors import (
+    InstabilityError,
     InvalidInputError,
     ReversibleDriftWarning,
     UnsupportedCombinationError,
@@ -189,8 +190,8 @@ def test_checkpoint_bytes_do_not_grow_with_steps():
 
 def test_dissipative_instability_and_drift_warning():
     """§6: on y' = −2y with h = 0.05 the parasitic eigenvalue λ/R(ha) exceeds 1 for λ = 1, so
-    the forward pass blows up; λ = 0.5 is stable forward, but the reconstruction amplifies
-    round-off like λ^{−N} = 2^200 and the drift warning fires."""
+    the forward pass blows up and says so (InstabilityError); λ = 0.5 is stable forward, but
+    the reconstruction amplifies round-off like λ^{−N} = 2^200 and the drift warning fires."""
     y0 = torch.ones(2, dtype=F64, requires_grad=True)
     t = torch.tensor([0.0, 10.0], dtype=F64)
     exact = math.exp(-20.0)
@@ -199,8 +200,8 @@ def test_dissipative_instability_and_drift_warning():
         return odegrad.solve(lambda t, y: -2.0 * y, y0, t, method="reversible_rk4",
                              coupling=coupling, gradient="reversible", step_size=0.05)
 
-    undamped = solve(1.0)
-    assert float(undamped.ys[-1].detach().abs().max()) > 1.0  # from 1 towards 2e-9
+    with pytest.raises(InstabilityError, match=r"h=0\.05.*coupling=1"):
+        solve(1.0)  # from 1 towards 2e-9, the parasitic mode would reach ~1e8
     coupled = solve(0.5)
     assert float((coupled.ys[-1].detach() - exact).abs().max()) < 1e-9
     with pytest.warns(ReversibleDriftWarning, match="coupling"):

@@ -2,6 +2,7 @@
 
 from .api import Solution, odeint, solve
 from .errors import (
+    InstabilityError,
     InvalidInputError,
     MaxStepsExceededError,
     NewtonConvergenceError,
@@ -33,6 +34,7 @@ __all__ = [
     "NonFiniteError",
     "StepSizeUnderflowError",
     "MaxStepsExceededError",
+    "InstabilityError",
     "NewtonConvergenceError",
     "ReversibleDriftWarning",
 ]

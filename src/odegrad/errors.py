@@ -11,6 +11,7 @@ __all__ = [
     "StepSizeUnderflowError",
     "MaxStepsExceededError",
     "NewtonConvergenceError",
+    "InstabilityError",
     "ReversibleDriftWarning",
 ]
 
@@ -45,6 +46,11 @@ class MaxStepsExceededError(OdegradError, RuntimeError):
 
 class NewtonConvergenceError(OdegradError, RuntimeError):
     """An implicit stage equation could not be solved; the message names t and h."""
+
+
+class InstabilityError(OdegradError, RuntimeError):
+    """A reversible scheme's parasitic mode grew on a dissipative problem until it spoilt the
+    solution; the message names the step, the estimated rate, the coupling and the remedy."""
 
 
 class ReversibleDriftWarning(UserWarning):

@@ -181,13 +181,16 @@ def integrate(
         rows = _StageTimeRows(stage_time_table(times, plan, solver.stage_nodes, t))
 
     y, t_n, offset, anchor, next_output = state, times[0], 0.0, 0, 1
+    y_previous = None  # the state before the last accepted step (for check_stability)
     nonfinite_retries = 0
     failed_steps = 0
     rejected: list[float] = []  # step sizes rejected from the current t_n
     recent_steps: deque[float] = deque(maxlen=20)  # for the stiffness hint
     while next_output < len(t):
         if stats["n_steps"] >= max_steps:
-            raise MaxStepsExceededError(_max_steps_message(max_steps, t_n, times, recent_steps))
+            raise MaxStepsExceededError(
+                _max_steps_message(max_steps, t_n, times, recent_steps, solver)
+            )
         if plan is not None:
             h, end_anchor, step_anchor, step_offset = plan[stats["n_accepted"]]
         else:
@@ -290,7 +293,7 @@ def integrate(
             next_output, outputs, trajectory, time_grad,
         )
         recent_steps.append(abs(h))
-        y, carry = step.y, step.carry
+        y_previous, y, carry = y, step.y, step.carry
         if end_anchor is not None:
             anchor, offset, t_n = end_anchor, 0.0, times[end_anchor]
         else:
@@ -303,6 +306,11 @@ def integrate(
             integrate(f, y0, t, solver, step_size=step_size, adaptive=False, max_steps=max_steps,
                       stats={}, check_each_step=True)
         raise NonFiniteError("f returned a non-finite value during the solve")
+    # Schemes with a parasitic mode (the reversible ones) check once, at the end, that it has
+    # not spoilt the solution: one host synchronisation per solve.
+    check_stability = getattr(solver, "check_stability", None)
+    if check_stability is not None and trajectory.steps:
+        check_stability(f, t, trajectory, y_previous, y, rtol=rtol, atol=atol)
     return outputs, trajectory
 
 
@@ -410,7 +418,7 @@ class _StageTimeRows:
 
 
 def _max_steps_message(
-    max_steps: int, t_n: float, times: list[float], recent: deque[float]
+    max_steps: int, t_n: float, times: list[float], recent: deque[float], solver: Solver
 ) -> str:
     message = (
         f"max_steps={max_steps} exceeded at t={t_n:.10g} while integrating from {times[0]:.10g} "
@@ -418,7 +426,10 @@ def _max_steps_message(
     )
     span = abs(times[-1] - times[0])
     median = sorted(recent)[len(recent) // 2] if recent else 0.0
-    if recent and median < 1e-4 * span:
+    hint = getattr(solver, "stability_hint", None)  # reversible schemes: the parasitic mode
+    if hint is not None and recent:
+        message += "; " + hint(median)
+    elif recent and median < 1e-4 * span:
         message += (
             f"; the steps collapsed to a median of {median:.3e}, {span / median:.1e} times "
             "shorter than the interval: unless a low-order method at a tight tolerance explains "

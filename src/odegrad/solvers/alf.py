@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -70,6 +71,42 @@ class AsynchronousLeapfrog(ReversibleSolver):
     def interpolate(self, state: Tensor, h: Scalar, dense, theta: Scalar) -> Tensor:
         v, z_next = dense
         return _leapfrog_quadratic(state[0], v, z_next, h, theta)
+
+    parasitic_name = "v − f(t, z)"
+
+    def parasitic_part(self, f: VectorField, t: Tensor, state: Tensor) -> Tensor:
+        """v − f(t, z): the velocity's departure from the field, where the parasitic mode
+        lives (one f-evaluation)."""
+        return state[1] - f(t, state[0])
+
+    def test_matrix(self, z: np.ndarray) -> tuple[np.ndarray, ...]:
+        """On (z, hv): determinant 1 − 2η; at η = 1 parasitic eigenvalue ≈ −e^{−ha}."""
+        eta = self.eta
+        return (1 + eta * z, (2 - 2 * eta + eta * z) / 2, 2 * eta * z, 1 - 2 * eta + eta * z)
+
+    def parasitic_functional(self, z: np.ndarray) -> tuple[np.ndarray, float]:
+        return -z, 1.0  # h (v − a z)
+
+    def parasitic_units(self, h: float) -> float:
+        return h
+
+    def stability_limit(self) -> str:
+        if self.eta == 1.0:
+            return (
+                "no dissipative mode: on one of rate a the leapfrog's parasitic mode grows like "
+                "e^{|a|t} at eta=1 whatever the step, and smaller steps only shrink what it "
+                "amplifies"
+            )
+        return f"h|a| small against the damping |1 − 2η| per step (eta={self.eta:g})"
+
+    def stability_remedy(self, x: float, h: float, span: float) -> str:
+        return (
+            "remedies: a non-reversible gradient, gradient='discrete' (or 'backsolve') with a "
+            "plain method such as 'midpoint' or 'dopri5' (an implicit one such as 'kvaerno5' "
+            "if the problem is stiff); or eta < 1, which damps the mode by |1 − 2η| per step "
+            "while the reconstruction amplifies round-off by as much; or "
+            "method='reversible_dopri5', whose coupling damps it when h|a| ≲ −ln(coupling)"
+        )
 
     def inverse_step(self, f: VectorField, t: Tensor, h: Scalar, state_next: Tensor) -> Tensor:
         with torch.no_grad():

@@ -11,10 +11,12 @@ f-evaluation of the forward step (the floor of §8).
 
 from __future__ import annotations
 
+import math
 from abc import abstractmethod
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -22,8 +24,13 @@ from ..errors import InvalidInputError
 from ..tableaus import TABLEAUS
 from .base import Scalar, Solver, Step, VectorField, axpy_sum
 from .explicit import ExplicitRungeKutta
+from .parasitic import (
+    ParasiticModeCheck,
+    _parasitic_error,
+)
 
 __all__ = ["LocalAdjoint", "ReversibleSolver", "ReversibleRungeKutta", "ReversibleHeun"]
+
 
 # (θ, ∂L/∂y(t_n + θh)) of every output read inside a step.
 DenseCotangents = Sequence[tuple[Scalar, Tensor]]
@@ -59,7 +66,7 @@ class LocalAdjoint:
         return [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads[:n])]
 
 
-class ReversibleSolver(Solver):
+class ReversibleSolver(ParasiticModeCheck, Solver):
     """A scheme whose step is algebraically invertible, on the state `stack([y, w])`.
 
     Besides the `Solver` interface it offers `inverse_step` (the algebraic inverse, graph-free)
@@ -117,7 +124,7 @@ class ReversibleRungeKutta(ReversibleSolver):
             raise InvalidInputError(f"coupling must lie in (0, 1], got {coupling}")
         self.base = base
         self.coupling = coupling
-        self.name = f"reversible_{base.name}"
+        self.name = reversible_rk_name(base.name)
         self.order = base.order
         self.error_order = base.error_order
         tableau = base.tableau
@@ -128,6 +135,18 @@ class ReversibleRungeKutta(ReversibleSolver):
         self._e = None if tableau.error is None else [float(v) for v in tableau.error]
         # Stages the increment Ψ alone needs (an FSAL scheme's last stage has b_s = 0).
         self._n_psi = 1 + max(i for i, b in enumerate(self._b) if b != 0.0)
+        self._rtol: Tensor | float = 1e-6
+        self._atol: Tensor | float = 1e-8
+        # R(z) = Σ_k r_k z^k, the base's stability function: r_0 = 1, r_k = bᵀ A^{k−1} 1.
+        a, b, v = np.asarray(tableau.a, dtype=np.float64), np.asarray(tableau.b), None
+        self._stability_coefficients = [1.0]
+        for _ in range(self.stages):
+            v = np.ones(self.stages) if v is None else a @ v
+            self._stability_coefficients.append(float(b @ v))
+
+    def configure(self, *, rtol: Tensor | float, atol: Tensor | float) -> None:
+        """The tolerances scale the growth of y − z in the step's error estimate."""
+        self._rtol, self._atol = rtol, atol
 
     def init(self, f: VectorField, t0: Tensor, state: Tensor) -> Tensor:
         return f(t0, state[1])
@@ -154,10 +173,52 @@ class ReversibleRungeKutta(ReversibleSolver):
         )
         back, _ = self._increment(f, t + h, -h, y_next, None, self._n_psi)
         z_next = z - back
-        error = None if self._e is None else axpy_sum(None, h, self._e, ks)
+        error = None
+        if self._e is not None:
+            error = torch.hypot(
+                axpy_sum(None, h, self._e, ks),
+                _parasitic_error(state, y_next, z_next, self._rtol, self._atol, lam),
+            )
         return Step(
             y=torch.stack([y_next, z_next]), error=error, dense=ks, carry=None, retry_carry=ks[0]
         )
+
+    def test_matrix(self, z: np.ndarray) -> tuple[np.ndarray, ...]:
+        """y_{n+1} = λ y_n + (R − λ) z_n, z_{n+1} = (1 − R̃) y_{n+1} + z_n with R = R(ha) and
+        R̃ = R(−ha): determinant λ, eigenvalues ≈ R(ha) and λ/R(ha)."""
+        lam = self.coupling
+        r = np.polynomial.polynomial.polyval(z, self._stability_coefficients)
+        r_back = np.polynomial.polynomial.polyval(-z, self._stability_coefficients)
+        return (np.full_like(z, lam), r - lam, (1 - r_back) * lam,
+                1 + (1 - r_back) * (r - lam))
+
+    def stability_limit(self) -> str:
+        lam = self.coupling
+        if lam == 1.0:
+            return "no dissipative mode (coupling=1 leaves it no margin)"
+        return (
+            f"h|a| ≲ −ln(coupling) = {-math.log(lam):.3g} on every dissipative mode of rate a "
+            f"(coupling={lam:g})"
+        )
+
+    def stability_remedy(self, x: float, h: float, span: float) -> str:
+        lam = self.coupling
+        remedies = []
+        if x > 0.0 and lam < 1.0:
+            h_stable = h * -math.log(lam) / x
+            steps = f", about {math.ceil(span / h_stable)} steps" if span > 0 else ""
+            remedies.append(f"take steps h ≲ {h_stable:.2g}{steps}")
+        smaller = f" (about {math.exp(-x):.4g} for h|a| = {x:.3g})" if x > 0.0 else ""
+        remedies.append(
+            f"a smaller coupling={smaller}, though the backward reconstruction then amplifies "
+            f"round-off like coupling^−N (see ReversibleDriftWarning)"
+        )
+        remedies.append(
+            f"a non-reversible gradient: gradient='discrete' (or 'backsolve') with the plain "
+            f"method {self.base.name!r}, or an implicit method such as 'kvaerno5' if the "
+            f"problem is stiff"
+        )
+        return "remedies: " + "; or ".join(remedies)
 
     def interpolate(self, state: Tensor, h: Scalar, dense: list[Tensor], theta: Scalar) -> Tensor:
         y, z = state[0], state[1]
@@ -231,6 +292,25 @@ class ReversibleHeun(ReversibleSolver):
     def interpolate(self, state: Tensor, h: Scalar, dense, theta: Scalar) -> Tensor:
         return _heun_quadratic(state[0], h, dense[0], dense[1], theta)
 
+    def test_matrix(self, z: np.ndarray) -> tuple[np.ndarray, ...]:
+        """On (y, z): determinant −1, parasitic eigenvalue ha − √(1 + (ha)²) ≈ −e^{−ha}."""
+        return 1 + z, z * z / 2, np.full_like(z, 2.0), z - 1
+
+    def stability_limit(self) -> str:
+        return (
+            "no dissipative mode: on one of rate a reversible Heun's parasitic mode grows like "
+            "e^{|a|t} whatever the step, and smaller steps only shrink what it amplifies "
+            "(like h²)"
+        )
+
+    def stability_remedy(self, x: float, h: float, span: float) -> str:
+        return (
+            "remedies: a non-reversible gradient, gradient='discrete' (or 'backsolve') with a "
+            "plain method such as 'heun' or 'dopri5' (an implicit one such as 'kvaerno5' if "
+            "the problem is stiff); or method='reversible_dopri5', whose coupling damps the "
+            "mode when h|a| ≲ −ln(coupling)"
+        )
+
     def inverse_step(self, f: VectorField, t: Tensor, h: Scalar, state_next: Tensor) -> Tensor:
         with torch.no_grad():
             y1, z1 = state_next[0], state_next[1]
@@ -288,6 +368,12 @@ def _heun_quadratic(y: Tensor, h: Scalar, a0: Tensor, a1: Tensor, theta: Scalar)
     return axpy_sum(y, h, [theta - theta * theta / 2, theta * theta / 2], [a0, a1])
 
 
+def reversible_rk_name(base: str) -> str:
+    """The method name of McCallum–Foster over `base`: reversible_<base>, except over Heun,
+    where reversible_heun is §7's scheme and the wrapper is reversible_rk_heun."""
+    return "reversible_rk_heun" if base == "heun" else f"reversible_{base}"
+
+
 def _reversible_rk_factory(tableau):
     def factory(coupling: float = 0.999) -> ReversibleRungeKutta:
         return ReversibleRungeKutta(ExplicitRungeKutta(tableau), coupling=coupling)
@@ -303,8 +389,7 @@ def _register() -> None:
     from . import register_solver
 
     for name, tableau in TABLEAUS.items():
-        if name != "heun":  # reversible_heun is §7's scheme, not McCallum–Foster over Heun
-            register_solver(f"reversible_{name}", _reversible_rk_factory(tableau))
+        register_solver(reversible_rk_name(name), _reversible_rk_factory(tableau))
     register_solver("reversible_heun", _reversible_heun_factory)
 
 
