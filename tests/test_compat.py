@@ -152,12 +152,20 @@ def case_options():
 
 
 def case_event_fn():
-    with pytest.raises(InvalidInputError, match="event_fn"):
-        compat.odeint(Counted(), Y0, T2, event_fn=lambda t, y: y.sum())
-    with pytest.raises(InvalidInputError, match="event_fn"):
-        compat.odeint_adjoint(Field(), Y0, T2, event_fn=lambda t, y: y.sum())
-    with pytest.raises(InvalidInputError, match="odeint_event"):
-        compat.odeint_event(Counted(), Y0, T2[0], event_fn=lambda t, y: y.sum())
+    # -y + sin(t) from y0 = (1, 2): y.sum() falls through 2 near t = 0.36 (more in
+    # tests/test_compat_events.py)
+    def event(t, y):
+        return y.sum() - 2.0
+
+    (ours_t, ours), (ref_t, ref) = both(lambda lib: lib.odeint(Counted(), Y0, T2, event_fn=event))
+    assert abs(float(ours_t - ref_t)) < 1e-7 and close(ours, ref, 1e-7)
+    (ours_t, ours), (ref_t, ref) = both(lambda lib: lib.odeint_event(
+        Counted(), Y0, T2[0], event_fn=event))
+    assert abs(float(ours_t - ref_t)) < 1e-7 and close(ours, ref, 1e-7)
+    ours_t, _ = compat.odeint_adjoint(Field(), Y0, T2, event_fn=lambda t, y: t - 0.5 + 0 * y[0])
+    assert abs(float(ours_t) - 0.5) < 1e-9
+    with pytest.raises(ValueError, match="len\\(t\\) == 2"):
+        compat.odeint(Counted(), Y0, T7, event_fn=event)
     with pytest.raises(InvalidInputError, match="odeint_dense"):
         compat.odeint_dense(Counted(), Y0, T2[0], T2[1])
 
@@ -389,12 +397,14 @@ def case_scipy_options():
 
 
 def case_callbacks():
+    # honoured (call sequences against torchdiffeq's in tests/test_compat_events.py)
     for name in TORCHDIFFEQ_CALLBACKS[:3]:
         f = Counted()
-        setattr(f, name, lambda t0, y0, dt: None)
-        with pytest.raises(InvalidInputError, match=name):
-            compat.odeint(f, Y0, T2)
-    for name in TORCHDIFFEQ_CALLBACKS[3:]:
+        calls = f.calls = []
+        setattr(f, name, lambda t0, y0, dt, f=f: f.calls.append(float(dt)))
+        compat.odeint(f, Y0, T2)
+        assert (calls or name == "callback_reject_step") and all(dt > 0 for dt in calls)
+    for name in TORCHDIFFEQ_CALLBACKS[3:]:  # they run in torchdiffeq's backward solve
         field = Field()
         setattr(field, name, lambda t0, y0, dt: None)
         with pytest.raises(InvalidInputError, match=name):

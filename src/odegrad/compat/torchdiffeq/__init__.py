@@ -27,16 +27,21 @@ Honoured:
     An option torchdiffeq's chosen solver does not take (step_size for dopri5, first_step for
     euler, ...) is ignored with torchdiffeq's own "Unexpected arguments" warning, and a step
     callback the solver does not support with its "does not support callbacks" warning.
+    Events: event_fn in odeint / odeint_adjoint, and odeint_event (reverse_time,
+    odeint_interface), with torchdiffeq's semantics (problem.py _solve_event). Step callbacks:
+    func.callback_step / callback_accept_step / callback_reject_step, served by odegrad's
+    on_attempt / on_accept / on_reject hooks (problem.py _hooks).
 
 Raised (InvalidInputError or UnknownNameError, each naming the option):
     methods odegrad lacks: explicit_adams, implicit_adams, fixed_adams;
-    event_fn (and odeint_event, odeint_dense); options min_step/max_step/safety/ifactor/dfactor
-    other than the defaults; dtype asking for float32 time arithmetic; a callable
+    odeint_dense; event_fn with scipy_solver or step_t/jump_t; options
+    min_step/max_step/safety/ifactor/dfactor other than the defaults; dtype asking for float32
+    time arithmetic; a callable
     adjoint_options["norm"] for an adaptive adjoint method; adjoint options the backward solve
     cannot take (a max_num_steps other than the forward's, step_t/jump_t absent from the
     forward, a grid_constructor other than the reversed forward grid, perturb other than the
-    forward's); step callbacks on func (callback_step, callback_accept_step,
-    callback_reject_step and their _adjoint forms) where the solver would call them; option
+    forward's); the step callbacks' _adjoint forms (callback_step_adjoint, ...: they run in
+    torchdiffeq's backward solve, odegrad's step hooks in forward solves only); option
     names torchdiffeq does not know (torchdiffeq only warns about those).
 
 Differences that remain (within the schemes' accuracy, not options): adaptive methods use
@@ -59,11 +64,14 @@ The package, one concept per module, each importing only those above it:
 
 from __future__ import annotations
 
+import torch
+
 from ...errors import InvalidInputError
 from .adjoint import odeint_adjoint
 from .options import ADJOINT_KEYWORDS, KEYWORDS, OPTION_NAMES
 from .options import MAX_NUM_STEPS as MAX_NUM_STEPS  # torchdiffeq's default max_num_steps
-from .problem import _EVENT_MESSAGE, MaxNumStepsExceededError, _Problem
+from .problem import MaxNumStepsExceededError, _Problem
+from .state import _Flat, _flatten_state, _unflatten
 
 __all__ = ["odeint", "odeint_adjoint", "odeint_event", "odeint_dense", "OPTION_NAMES",
            "KEYWORDS", "ADJOINT_KEYWORDS", "MaxNumStepsExceededError"]
@@ -75,13 +83,64 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, even
     """torchdiffeq.odeint: y at every time in t; gradients by autograd through the solver
     (odegrad's gradient="direct")."""
     problem = _Problem(func, y0, t, rtol, atol, method, options, event_fn)
-    return problem.unflatten(problem.solve("direct", {}))
+    return problem.finish(problem.solve("direct", {}))
 
 
 def odeint_event(func, y0, t0, *, event_fn, reverse_time=False, odeint_interface=odeint,
                  **kwargs):
-    """torchdiffeq.odeint_event: not served (odegrad's loop has no event detection)."""
-    raise InvalidInputError(_EVENT_MESSAGE.format(name="odeint_event"))
+    """torchdiffeq.odeint_event: integrate from t0 (forwards, or backwards with reverse_time)
+    until event_fn changes sign; returns (event_t, solution at [t0, event_t]) with the gradient
+    of the event time linked up by the implicit function theorem, as torchdiffeq does (its
+    odeint_interface returns the event time detached and the state at that fixed time)."""
+    t0 = t0.reshape(-1)
+    t = torch.cat([t0, t0.detach() + (-1.0 if reverse_time else 1.0)])
+    event_t, solution = odeint_interface(func, y0, t, event_fn=event_fn, **kwargs)
+    flat_y0, shapes = _flatten_state(y0)
+    flat_func = _Flat(func, shapes)
+    with torch.no_grad():
+        signs = torch.sign(event_fn(t[0], y0))
+
+    def combined(t, y):
+        return torch.min(event_fn(t, y if shapes is None else _unflatten(y, shapes)) * signs)
+
+    if shapes is not None:
+        state_t = torch.cat([s[-1].reshape(-1) for s in solution])
+    else:
+        state_t = solution[-1]
+    event_t, state_t = _ImplicitFnGradientRerouting.apply(flat_func, combined, event_t, state_t)
+    if shapes is not None:
+        state_t = _unflatten(state_t, shapes)
+        solution = tuple(torch.cat([s[:-1], s_t[None]], dim=0)
+                         for s, s_t in zip(solution, state_t))
+    else:
+        solution = torch.cat([solution[:-1], state_t[None]], dim=0)
+    return event_t, solution
+
+
+class _ImplicitFnGradientRerouting(torch.autograd.Function):
+    """torchdiffeq's: the cotangent of the event time, moved onto the state at that time
+    (t* solves c(t*, y(t*)) = 0). Worked in real time: the same as torchdiffeq's negated time
+    under reverse_time."""
+
+    @staticmethod
+    def forward(ctx, func, event_fn, event_t, state_t):
+        ctx.func, ctx.event_fn = func, event_fn
+        ctx.save_for_backward(event_t, state_t)
+        return event_t.detach(), state_t.detach()
+
+    @staticmethod
+    def backward(ctx, grad_t, grad_state):
+        event_t, state_t = ctx.saved_tensors
+        event_t = event_t.detach().clone().requires_grad_(True)
+        state_t = state_t.detach().clone().requires_grad_(True)
+        f_val = ctx.func(event_t, state_t)
+        with torch.enable_grad():
+            c, (par_dt, dstate) = torch.autograd.functional.vjp(ctx.event_fn,
+                                                                (event_t, state_t))
+        dcdt = par_dt + torch.sum(dstate * f_val)
+        grad_t = grad_t + torch.sum(grad_state * f_val)
+        dstate = dstate * (-grad_t / (dcdt + 1e-12)).reshape_as(c)
+        return None, None, None, grad_state + dstate
 
 
 def odeint_dense(func, y0, t0, t1, *, rtol=1e-7, atol=1e-9, method=None, options=None):

@@ -64,6 +64,11 @@ def odeint_adjoint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=No
                                     if p.requires_grad and id(p) not in chosen)
     adjoint_name = "dopri5" if adjoint_method is None else adjoint_method
     if problem.family == "scipy" or resolve(adjoint_name, "adjoint_method")[1] == "scipy":
+        if event_fn is not None:
+            raise InvalidInputError(
+                "event_fn with adjoint_method 'scipy_solver': the shim's scipy adjoint solves "
+                "interval by interval between given times, not to an event"
+            )
         # scipy's solve_ivp forward or backward: torchdiffeq's adjoint, interval by interval
         return problem.unflatten(_scipy_adjoint(
             problem, params, rtol if adjoint_rtol is None else adjoint_rtol,
@@ -74,7 +79,7 @@ def odeint_adjoint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=No
         atol if adjoint_atol is None else adjoint_atol,
         adjoint_method, dict(adjoint_options),
     )
-    return problem.unflatten(problem.solve("backsolve", dict(adjoint, params=params)))
+    return problem.finish(problem.solve("backsolve", dict(adjoint, params=params)))
 
 
 def _scipy_adjoint(problem, params, rtol, atol, name, options):

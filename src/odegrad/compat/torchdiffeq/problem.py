@@ -3,6 +3,8 @@ max_num_steps, at every output time) or on torchdiffeq's fixed grid with its int
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ...api import odeint as _odeint
@@ -39,18 +41,19 @@ class MaxNumStepsExceededError(MaxStepsExceededError, AssertionError):
     """torchdiffeq's max_num_steps was exceeded (torchdiffeq raises an AssertionError)."""
 
 
-_EVENT_MESSAGE = (
-    "{name} is not supported by odegrad: its solver loop has no event detection (a root of "
-    "event_fn(t, y) found on the dense output, stopping the solve)"
-)
+# With event_fn, an adaptive solve searches odegrad's event solve over chunks of this length
+# (torchdiffeq's search has no end time), and gives up after this many chunks.
+EVENT_CHUNK = 1000.0
+EVENT_MAX_CHUNKS = 100
+# A fixed-grid search solves this many grid steps at a time; torchdiffeq stops after 20000.
+EVENT_FIXED_CHUNK = 1000
+EVENT_FIXED_MAX_STEPS = 20000
 
 
 class _Problem:
     """Validated inputs of one call, in the form odegrad's API takes, and the solve."""
 
     def __init__(self, func, y0, t, rtol, atol, method, options, event_fn):
-        if event_fn is not None:
-            raise InvalidInputError(_EVENT_MESSAGE.format(name="event_fn"))
         if options is not None and not isinstance(options, dict):
             raise InvalidInputError(f"options must be a dict, got {type(options).__name__}")
         self.user_func = func
@@ -66,7 +69,17 @@ class _Problem:
         self.options = _sort_options(self.cls, self.family, dict(options or {}), "options")
         self.rtol = _tolerance(rtol, self.shapes, "rtol")
         self.atol = _tolerance(atol, self.shapes, "atol")
-        _check_callbacks(func, self.name, self.family, "")
+        self.callbacks = _check_callbacks(func, self.name, self.family, "")
+        self.event_fn = event_fn
+        if event_fn is not None:
+            if len(self.t) != 2:
+                raise ValueError("We require len(t) == 2 when in event handling mode, but got "
+                                 f"len(t)={len(self.t)}.")
+            if self.family == "scipy":
+                raise InvalidInputError(
+                    "event_fn with method 'scipy_solver': torchdiffeq's scipy wrapper has no "
+                    "event handling (integrate_until_event)"
+                )
         self.adaptive = self.family == "adaptive"
         self.adjoint_step, self.adjoint_grid = None, None
         self.boundaries, self.perturb = {}, False
@@ -124,6 +137,8 @@ class _Problem:
         self.gradient, self.extra = gradient, extra
         if len(self.t) == 1:
             return self.y0.unsqueeze(0)
+        if self.event_fn is not None:
+            return self._solve_event()
         if self.family == "scipy":
             if gradient != "direct":
                 raise InvalidInputError(
@@ -135,7 +150,7 @@ class _Problem:
             return self._solve_adaptive()
         return self._solve_fixed()
 
-    def _call(self, f, y, ts, first=True, one_backward_step=False, **kwargs):
+    def _call(self, f, y, ts, first=True, one_backward_step=False, hooks=True, **kwargs):
         """One odegrad solve over the times ts (a 1-D tensor), from y. A fixed-step backward
         solve takes adjoint_options' step_size, else one step between consecutive times."""
         options = dict(self.extra)
@@ -146,6 +161,8 @@ class _Problem:
             options["norm"] = self.norm
         if self.adaptive and first and self.first_step is not None:
             options["first_step"] = self.first_step
+        if hooks and self.callbacks:
+            options.update(self._hooks(ts))
         options.update(kwargs)
         try:
             return _odeint(f, y, ts, method=self.og_method, rtol=self.rtol, atol=self.atol,
@@ -186,11 +203,12 @@ class _Problem:
                              {i for i, (v, _) in enumerate(times) if cuts.get(v)})
         return torch.stack([values[i] for i in outputs])
 
-    def _chain(self, times, cut_indices, perturbed, **kwargs):
+    def _chain(self, times, cut_indices, perturbed, y0=None, **kwargs):
         """Solve from one cut to the next; f's time is nudged one ulp into the interval at a
         perturbed end. Returns y at every time."""
         stops = [0] + [i for i in cut_indices if 0 < i < len(times) - 1] + [len(times) - 1]
-        values, y = [self.y0], self.y0
+        y0 = self.y0 if y0 is None else y0
+        values, y = [y0], y0
         for k, (a, b) in enumerate(zip(stops[:-1], stops[1:])):
             ts = torch.stack([tensor for _, tensor in times[a:b + 1]])
             f = self.func
@@ -314,3 +332,188 @@ class _Problem:
         if self.shapes is None:
             return ys
         return _unflatten(ys, self.shapes, (ys.shape[0],))
+
+    # -- step callbacks ----------------------------------------------------------------------
+
+    def _hooks(self, ts) -> dict:
+        """odegrad's step hooks calling func's torchdiffeq callbacks: callback_step(t0, y0, dt)
+        before each attempt, callback_accept_step / callback_reject_step(t0, y0, dt) with the
+        step's start state after it. torchdiffeq integrates decreasing t in negated time: its
+        dt is then -h (positive), its t the user's time."""
+        func, names, shapes = self.user_func, self.callbacks, self.shapes
+        sign = -1.0 if bool(ts[-1] < ts[0]) else 1.0
+        last = []
+
+        def args(t, y, h):
+            y = y if shapes is None else _unflatten(y, shapes)
+            return t, y, torch.as_tensor(sign * h, dtype=t.dtype, device=t.device)
+
+        def on_attempt(t, y, h):
+            last[:] = args(t, y, h)
+            if "callback_step" in names:
+                func.callback_step(*last)
+
+        hooks = {"on_attempt": on_attempt}
+        if "callback_accept_step" in names:
+            hooks["on_accept"] = lambda t, y, h: func.callback_accept_step(*last)
+        if "callback_reject_step" in names:
+            hooks["on_reject"] = lambda t, y, h: func.callback_reject_step(*args(t, y, h))
+        return hooks
+
+    # -- events ------------------------------------------------------------------------------
+
+    def finish(self, out):
+        """The caller's result: ys (a tuple for a tuple state), or (event_t, ys) with event_fn."""
+        if self.event_fn is None or len(self.t) == 1:
+            return self.unflatten(out)
+        event_t, ys = out
+        return event_t.to(self.t), self.unflatten(ys)
+
+    def _combined_event(self):
+        """torchdiffeq's combine_event_functions on the flat state: min over the components of
+        event_fn times their signs at t0 (positive until any component changes sign)."""
+        event_fn, shapes = self.event_fn, self.shapes
+
+        def user(t, y):
+            return event_fn(t, y if shapes is None else _unflatten(y, shapes))
+
+        with torch.no_grad():
+            signs = torch.sign(user(self.t[0], self.y0)).detach()
+
+        def combined(t, y):
+            return torch.min(user(t, y) * signs).reshape(1)
+
+        return combined
+
+    def _solve_event(self):
+        g = self._combined_event()
+        direction = -1.0 if bool(self.t[0] > self.t[1]) else 1.0
+        with torch.no_grad():
+            at_start = g(self.t_y[0], self.y0)
+        if self.adaptive and bool(at_start == 0):  # torchdiffeq stops at once
+            return self.t[0].detach(), torch.stack([self.y0, self.y0])
+        if self.adaptive:
+            return self._event_adaptive(g, direction)
+        return self._event_fixed(g, direction, torch.sign(at_start))
+
+    def _event_adaptive(self, g, direction):
+        """Locate the event with odegrad's event solve, without a graph, over chunks of
+        EVENT_CHUNK from t0 (each chunk from the last one's end state); then solve from t0 to
+        the located time with the gradient method: torchdiffeq's odeint returns the event time
+        detached and y at that fixed time (and g may hold tensors that require grad)."""
+        if self.boundaries:
+            raise InvalidInputError(
+                "options step_t/jump_t with event_fn: odegrad's event solve does not restart "
+                "at them"
+            )
+        y, start = self.y0.detach(), self.t_y[0].detach()
+        for chunk in range(EVENT_MAX_CHUNKS):
+            end = start + direction * EVENT_CHUNK
+            with torch.no_grad():
+                event_t, ys = self._call(self.func, y, torch.stack([start, end]),
+                                         first=chunk == 0, hooks=False,
+                                         event_fn=lambda t, y: g(t, y).detach(),
+                                         event_direction=0)
+            if event_t is not None:
+                break
+            y, start = ys[-1], end
+        else:
+            raise RuntimeError(
+                f"no event within {EVENT_MAX_CHUNKS * EVENT_CHUNK:g} time units of t0: "
+                "event_fn never changed sign"
+            )
+        event_t = event_t.detach()
+        if bool(event_t == self.t_y[0].detach()):
+            return event_t, torch.stack([self.y0, self.y0])
+        ys = self._call(self.func, self.y0, torch.stack([self.t_y[0], event_t]))
+        return event_t, ys
+
+    def _grid_values(self, y, grid_y, **hooks):
+        """y at every point of a fixed grid (one step per interval), from y at grid_y[0]."""
+        kwargs = {"one_backward_step": self.adjoint_step in (None, self.step_size),
+                  "hooks": False, **hooks}
+        if not self.perturb and not self.fixed_mode:
+            return list(self._call(self.func, y, grid_y, **kwargs).unbind(0))
+        points = list(zip(grid_y.detach().cpu().tolist(), grid_y.unbind(0)))
+        index = list(range(len(points)))
+        if self.fixed_mode:
+            kwargs.update(adaptive=False, step_size=_longest(grid_y))
+        return self._chain(points, index, set(index) if self.perturb else set(), y0=y,
+                           **kwargs)
+
+    def _event_fixed(self, g, direction, sign0):
+        """torchdiffeq's FixedGridODESolver.integrate_until_event: steps of step_size from t0
+        (solved EVENT_FIXED_CHUNK at a time, each chunk from the last one's end state) until
+        the sign of the combined event function differs from its sign at t0, then bisection
+        to atol on the step's interpolant (linear or cubic)."""
+        if self.grid_constructor is not None or self.step_size is None:
+            raise AssertionError("Event handling for fixed step solvers currently requires "
+                                 "`step_size` to be provided in options.")
+        y, start, done = self.y0, self.t_y[0], 0
+        while done < EVENT_FIXED_MAX_STEPS:
+            n = min(EVENT_FIXED_CHUNK, EVENT_FIXED_MAX_STEPS - done)
+            offsets = torch.arange(0, n + 1, dtype=start.dtype, device=start.device)
+            grid = start + direction * self.step_size * offsets
+            crossed = self._first_crossing(g, sign0, y, grid)
+            if crossed is not None:  # solved again with a graph, up to the crossing only
+                values = self._grid_values(y, grid[:crossed + 1])
+                return self._fixed_event_in(g, sign0, grid[crossed - 1], grid[crossed],
+                                            values[-2], values[-1])
+            values = self._grid_values(y, grid)
+            y, start, done = values[-1], grid[-1], done + n
+        raise RuntimeError(f"Reached maximum number of iterations {EVENT_FIXED_MAX_STEPS}.")
+
+    def _first_crossing(self, g, sign0, y, grid):
+        """The index of the first grid point where the sign of g differs from sign0, or None:
+        a solve without a graph that stops there (torchdiffeq never steps past the event, and
+        f may not be finite beyond it)."""
+        count = [0]
+
+        class _Crossed(Exception):
+            pass
+
+        def on_accept(t, y_end, h):
+            count[0] += 1
+            if bool(torch.sign(g(grid[count[0]], y_end)) != sign0):
+                raise _Crossed
+
+        with torch.no_grad():
+            try:
+                self._grid_values(y.detach(), grid.detach(), on_accept=on_accept)
+            except _Crossed:
+                return count[0]
+        return None
+
+    def _fixed_event_in(self, g, sign0, t0, t1, y0, y1):
+        if self.interp == "linear":
+            def interp(t):
+                if bool(t == t0):
+                    return y0
+                if bool(t == t1):
+                    return y1
+                return y0 + (t - t0) / (t1 - t0) * (y1 - y0)
+        else:
+            with torch.enable_grad():
+                start = t0
+                if self.perturb:  # f0 of the step, taken one ulp inside it
+                    nudged = torch.nextafter(start.detach(), t1.detach())
+                    start = start + (nudged - start).detach()
+                f0 = self.func(start, y0)
+                f1 = self.func(t1, y1)
+
+            def interp(t):
+                s = (t - t0) / (t1 - t0)
+                h = t1 - t0
+                return ((1 + 2 * s) * (1 - s) * (1 - s) * y0 + s * (1 - s) * (1 - s) * h * f0
+                        + s * s * (3 - 2 * s) * y1 + s * s * (s - 1) * h * f1)
+
+        atol = float(self.atol.max()) if isinstance(self.atol, torch.Tensor) else float(self.atol)
+        with torch.no_grad():  # torchdiffeq's find_event (in real time: the same midpoints)
+            lo, hi = t0.detach().reshape(()), t1.detach().reshape(())
+            iterations = int(math.ceil(math.log(abs(float(hi - lo)) / atol) / math.log(2.0)))
+            for _ in range(max(iterations, 0)):
+                mid = (lo + hi) / 2.0
+                same = (torch.sign(g(mid, interp(mid))) == sign0).reshape(())
+                lo, hi = torch.where(same, mid, lo), torch.where(same, hi, mid)
+            event_t = ((lo + hi) / 2.0).reshape(())
+        return event_t, torch.stack([self.y0, interp(event_t)])
