@@ -153,3 +153,14 @@ def test_event_errors():
     sol = odegrad.solve(lambda t, y: -k * y, y0, t, event_fn=lambda t, y: y - 0.5, params=[k])
     with pytest.raises(UnsupportedCombinationError, match="second-order"):
         torch.autograd.grad(sol.event_t, k, create_graph=True)
+
+
+def test_an_event_that_rounds_to_t0_returns_y0():
+    # float32: the crossing lies within t's resolution of t0, so the solve to it is empty
+    t0 = torch.tensor(1.0, dtype=torch.float32)
+    y0 = torch.tensor([1e-9], dtype=torch.float32, requires_grad=True)
+    sol = odegrad.solve(lambda t, y: -torch.ones_like(y), y0, torch.stack([t0, t0 + 1]),
+                        event_fn=lambda t, y: y, event_direction=-1, step_size=0.1)
+    assert float(sol.event_t) == 1.0 and torch.equal(sol.event_y, y0.detach())
+    sol.event_t.backward()
+    assert float(y0.grad) == 1.0  # t* = t0 + y0 / 1

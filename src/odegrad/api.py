@@ -209,7 +209,10 @@ def _solve_until_event(problem: Problem, gradient_module, gradient_options: dict
     t_star, component = found
     t = problem.t
     times = torch.stack([t[0], torch.tensor(t_star, dtype=t.dtype, device=t.device)])
-    ys = gradient_module.solve(replace(problem, t=times), **gradient_options)
+    if bool(times[1] == times[0]):  # the event rounds to t0 in t's dtype: y* = y0
+        ys = torch.stack([problem.y0, problem.y0])
+    else:
+        ys = gradient_module.solve(replace(problem, t=times), **gradient_options)
     event_t, event_y = EventTime.apply(field_, g, component, times[1], ys[-1])
     return torch.stack([t[0], event_t]), torch.stack([ys[0], event_y]), event_t, event_y
 
