@@ -30,13 +30,8 @@ def jacobian(fun: Callable[[Tensor], Tensor], y: Tensor, batch_independent: bool
     loop for functions vmap cannot trace.
     """
     y = y.detach()
-    if batch_independent:
-        batch, n = y.shape[0], math.prod(y.shape[1:])
-        basis = torch.eye(n, dtype=y.dtype, device=y.device).reshape(n, 1, *y.shape[1:])
-        basis = basis.expand(n, *y.shape)
-    else:
-        n = y.numel()
-        basis = torch.eye(n, dtype=y.dtype, device=y.device).reshape(n, *y.shape)
+    batch = y.shape[0] if batch_independent else 1
+    n, basis = _unit_basis(y, batch_independent)
     with torch.enable_grad():
         try:
             _, vjp_fn = torch.func.vjp(fun, y)
@@ -49,6 +44,17 @@ def jacobian(fun: Callable[[Tensor], Tensor], y: Tensor, batch_independent: bool
     return rows.reshape(n, n)
 
 
+def _unit_basis(y: Tensor, batch_independent: bool) -> tuple[int, Tensor]:
+    """(n, the n unit cotangents shaped like y): over all of y, or, with `batch_independent`,
+    over one sample's components, repeated across the batch."""
+    if batch_independent:
+        n = math.prod(y.shape[1:])
+        basis = torch.eye(n, dtype=y.dtype, device=y.device).reshape(n, 1, *y.shape[1:])
+        return n, basis.expand(n, *y.shape)
+    n = y.numel()
+    return n, torch.eye(n, dtype=y.dtype, device=y.device).reshape(n, *y.shape)
+
+
 def jacobian_with_graph(
     fun: Callable[[Tensor], Tensor], y: Tensor, batch_independent: bool = False
 ) -> Tensor:
@@ -59,13 +65,7 @@ def jacobian_with_graph(
     graph-building VJP per component (of one sample with `batch_independent`), batched with
     `is_grads_batched` when autograd can, else in a loop.
     """
-    if batch_independent:
-        n = math.prod(y.shape[1:])
-        basis = torch.eye(n, dtype=y.dtype, device=y.device).reshape(n, 1, *y.shape[1:])
-        basis = basis.expand(n, *y.shape)
-    else:
-        n = y.numel()
-        basis = torch.eye(n, dtype=y.dtype, device=y.device).reshape(n, *y.shape)
+    n, basis = _unit_basis(y, batch_independent)
     with torch.enable_grad():
         if not y.requires_grad:
             y = y.detach().requires_grad_(True)
