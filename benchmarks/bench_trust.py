@@ -78,7 +78,7 @@ def probe() -> None:
     with torch.enable_grad():
         field(t[0], y0).sum()
     one_f = time.perf_counter() - start
-    print(f"  discrete rk4 forward, 20 steps: first call {times[0] * 1e3:.1f} ms (probes f), "
+    print(f"  discrete rk4 forward, 20 steps (each probes f once): first call {times[0] * 1e3:.1f} ms, "
           f"later calls {min(times[1:]) * 1e3:.1f} ms; one f with a graph {one_f * 1e3:.2f} ms")
 
 

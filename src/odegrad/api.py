@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -171,7 +170,7 @@ def solve(
     if problem.adaptive:
         _check_tolerances_positive(problem.rtol, problem.atol)
     if gradient != "direct" and torch.is_grad_enabled():
-        problem.draws_random = probe_field(field_, y0_flat, t, params, gradient, module, key=f)
+        problem.draws_random = probe_field(field_, y0_flat, t, params, gradient, module)
     check = getattr(gradient_module, "check", None)
     if check is not None:
         check(problem)
@@ -271,7 +270,7 @@ def _check_tolerances_positive(rtol: Tensor | float, atol: Tensor | float) -> No
 
 
 def probe_field(f, y0: Tensor, t: Tensor, params: Sequence[Tensor], gradient: str,
-                module: torch.nn.Module | None = None, key: object = None) -> bool:
+                module: torch.nn.Module | None = None) -> bool:
     """Check f once for what the custom gradient methods cannot see; returns whether f draws
     random numbers (dropout, noise), which those methods must replay or refuse.
 
@@ -282,17 +281,10 @@ def probe_field(f, y0: Tensor, t: Tensor, params: Sequence[Tensor], gradient: st
     graph nodes of non-leaf params). A leaf that f creates itself (e.g. a detached copy of y
     with requires_grad) is told apart by a second evaluation, made only when the first finds
     candidates: f's own leaves are new objects there, a captured tensor is the same one. The
-    evaluations draw from forked random streams and leave f's buffers as they were. A (key,
-    params) pair that passed is not probed again while `key` (the user's f) lives.
+    evaluations draw from forked random streams and leave f's buffers as they were. Every solve
+    probes (one f evaluation with a graph, about 1-2 % of a typical solve): a cache keyed on f
+    would go stale when f's module switches between train() and eval().
     """
-    ids = frozenset(id(p) for p in params)
-    if key is not None:
-        try:
-            cached = _PROBED.get(key)
-        except TypeError:  # f is not weak-referenceable or hashable: probe every time
-            key, cached = None, None
-        if cached is not None and cached[0] == ids:
-            return cached[1]
     missing, draws_random = probe_graph(f, y0, t, params, module)
     if missing:
         again = {id(v) for v in probe_graph(f, y0, t, params, module)[0]}
@@ -306,13 +298,7 @@ def probe_field(f, y0: Tensor, t: Tensor, params: Sequence[Tensor], gradient: st
             "them in params= (for an nn.Module f, params defaults to f.parameters()), or "
             "detach them / call requires_grad_(False) if they are constants"
         )
-    if key is not None:
-        _PROBED[key] = (ids, draws_random)
     return draws_random
-
-
-# f -> (the ids of the params it passed `probe_field` with, whether it draws random numbers).
-_PROBED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _resolve_method(method: str) -> str:
