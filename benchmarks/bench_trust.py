@@ -78,8 +78,9 @@ def probe() -> None:
     with torch.enable_grad():
         field(t[0], y0).sum()
     one_f = time.perf_counter() - start
-    print(f"  discrete rk4 forward, 20 steps (each probes f once): first call {times[0] * 1e3:.1f} ms, "
-          f"later calls {min(times[1:]) * 1e3:.1f} ms; one f with a graph {one_f * 1e3:.2f} ms")
+    print(f"  discrete rk4 forward, 20 steps (each probes f once): first call "
+          f"{times[0] * 1e3:.1f} ms, later calls {min(times[1:]) * 1e3:.1f} ms; "
+          f"one f with a graph {one_f * 1e3:.2f} ms")
 
 
 def reversible() -> None:
