@@ -36,8 +36,11 @@ def test_discrete_through_reversible_with_rejections_equals_direct(method, rtol)
     t = torch.tensor([0, 0.4, 0.9, 1.3], dtype=DT)
     grads, rejected = [], []
     for gradient in ("direct", "discrete"):
-        sol = odegrad.solve(lambda t, y: y @ A.T, y0, t, method=method, rtol=rtol,
-                            gradient=gradient, params=[A], step_size=0.5)
+        # the field stiffens at t = 0.7, so steps after the first are rejected too (a rejection
+        # of the first step alone kept the graph, through the init carry, before the fix)
+        sol = odegrad.solve(lambda t, y: (y @ A.T) * (1 + 3 * torch.sigmoid(40 * (t - 0.7))),
+                            y0, t, method=method, rtol=rtol, gradient=gradient, params=[A],
+                            step_size=0.5)
         grads.append(torch.autograd.grad(sol.ys.sin().sum(), A)[0])
         rejected.append(sol.stats["n_rejected"])
     assert rejected[0] == rejected[1] > 0  # the case needs rejected steps
