@@ -1,0 +1,418 @@
+"""The reverse sweep of the discrete adjoint (ALGORITHMS.md §1, §2): λ = ∂L/∂y_{n+1} pulled back
+through steps N−1, …, 0 over the checkpoints that gradients/discrete.py kept, recomputing
+what the schedule says, one step at a time (explicit Runge–Kutta stage recurrence, a solver's
+own step_vjp, or a replay of any solver's step under autograd)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from ..checkpointing import Delete, Forward, Load, Reverse, Save, Schedule, reverse_segments
+from ..loop import replay_rejected
+from ..solvers.base import Solver
+from ..solvers.explicit import combine
+from .checkpoint_store import _INIT, _Kept, _tensors
+
+if TYPE_CHECKING:
+    from .discrete import _Run
+
+
+class _Acc:
+    """A running sum Σ α_k x_k that adds in place only into tensors it allocated itself."""
+
+    def __init__(self):
+        self.value: Tensor | None = None
+        self._owned = False
+
+    def add(self, x: Tensor | None, alpha: float = 1.0) -> None:
+        if x is None or alpha == 0.0:
+            return
+        if self.value is None:
+            self.value, self._owned = (x, False) if alpha == 1.0 else (x * alpha, True)
+        elif self._owned:
+            self.value.add_(x, alpha=alpha)
+        else:
+            self.value, self._owned = torch.add(self.value, x, alpha=alpha), True
+
+
+class _Backward:
+    """The reverse sweep: λ = ∂L/∂y_{n+1} pulled back through steps N−1, …, 0 (ALGORITHMS §1)."""
+
+    def __init__(self, run: _Run, grad_ys: Tensor, time: bool):
+        self.run_ = run
+        self.problem = run.problem
+        self.solver = run.solver
+        self.f = run.problem.f
+        self.params = list(run.problem.params)
+        self.grad_ys = grad_ys
+        self.time = time
+        t = run.problem.t
+        self.t = t.detach()
+        self.t_bar = torch.zeros_like(self.t) if time else None
+        self.steps = run.trajectory.steps
+        self.ends: dict[int, list[int]] = {}
+        self.inside: dict[int, list[tuple[int, float]]] = {}
+        for out in run.trajectory.outputs:
+            if out.step < 0:
+                continue
+            if out.index == self.steps[out.step].end_anchor:
+                self.ends.setdefault(out.step, []).append(out.index)
+            else:
+                self.inside.setdefault(out.step, []).append((out.index, out.theta))
+        self.lam: Tensor | None = None  # ∂L/∂state_{n+1}
+        self.carry_bar: Any = None  # ∂L/∂(carry of step n+1): FSAL stage or solver carry
+        self.param_bars: list[Tensor | None] = [None] * len(self.params)
+        self.current: tuple[int, Tensor, Any] | None = None  # (n, state, carry)
+        self.recomputed = 0
+
+    # ---- the sweep --------------------------------------------------------------------------
+
+    def run(self) -> tuple:
+        run, store, n_steps = self.run_, self.run_.store, len(self.steps)
+        if n_steps:
+            slots = run.policy.slots if run.policy.kind in ("binomial", "budget") else 0
+            schedule = reverse_segments(sorted(store.kept), n_steps, max(slots, len(store.kept)))
+            self.execute(schedule)
+        state0 = self.problem.solver.initial_state(self.problem.y0.detach())
+        lam = self.lam
+        if run.rk and run.fsal and self.carry_bar is not None:
+            key = run.stage_keys[0][0] if run.streams is not None else None
+            g_y, g_t = self.vjp(self.t[0], state0, self.carry_bar, key)
+            lam = _sum(lam, g_y)
+            if g_t is not None:
+                self.t_bar[0] += g_t
+        y0_bar = _sum(self.grad_ys[0], self.initial_state_vjp(lam))
+        self.problem.stats["n_recomputed_steps"] += self.recomputed
+        return (y0_bar, self.t_bar, *self.param_bars)
+
+    def execute(self, schedule: Schedule) -> None:
+        store = self.run_.store
+        for action in schedule.actions:
+            if isinstance(action, Load):
+                kept = store.kept[action.n]
+                self.current = (action.n, kept.state, kept.carry)
+            elif isinstance(action, Forward):
+                self.advance(action.n0, action.n1)
+            elif isinstance(action, Save):
+                n, state, carry = self.current
+                store.save(n, _Kept(state=state, carry=None if self.run_.rk else carry))
+            elif isinstance(action, Delete):
+                store.delete(action.n)
+            elif isinstance(action, Reverse):
+                kept = store.kept.get(action.n)
+                self.reverse(action.n, kept)
+                self.current = None
+
+    def t_n(self, n: int) -> Tensor:
+        record = self.steps[n]
+        return self.t[record.start_anchor] + record.start_offset
+
+    def retried(
+        self, n: int, state: Tensor, carry: Any, graph: bool = False, t_n: Tensor | None = None
+    ) -> Any:
+        """The carry step n's accepted attempt started from: the forward loop's rejected
+        attempts at t_n replayed (loop.replay_rejected). A solver whose retry carry is the
+        incoming one (explicit) gets `carry` back unchanged; one whose retry carry is computed
+        in the attempt (the first stage f(t_n, z_n) of a reversible Runge–Kutta step) gets it
+        recomputed, with a graph back to `state` and the parameters when `graph` is set (the
+        replay that differentiates the step needs it: without it the carry's dependence on
+        the state would be dropped); an implicit solver gets the refreshed Jacobian its retry
+        used, so the replay is exact. Rejected attempts of a stochastic f are replayed with
+        fresh randomness. `t_n`: the step's time as the caller differentiates it."""
+        if not self.steps[n].rejected:
+            return carry
+        t_n = self.t_n(n) if t_n is None else t_n
+        with torch.enable_grad() if graph else torch.no_grad():
+            return replay_rejected(self.solver, self.f, t_n, self.steps[n], state, carry)
+
+    def keyed(self, keys) -> Callable:
+        streams = self.run_.streams
+        return self.f if streams is None else streams.replaying(self.f, keys)
+
+    # ---- recomputation ----------------------------------------------------------------------
+
+    def first_stage(self, n: int, y: Tensor) -> Tensor:
+        """K_1 of step n as the forward pass evaluated it (the FSAL stage of step n − 1)."""
+        run = self.run_
+        f = self.keyed(run.stage_keys[n][:1] if run.streams is not None else ())
+        if n == 0:
+            return f(self.t[0], y)
+        if run.fsal:
+            prev = self.steps[n - 1]
+            return f(self.t_n(n - 1) + run.c[-1] * prev.h, y)
+        return f(self.t_n(n), y)
+
+    def advance(self, n0: int, n1: int) -> None:
+        """Recompute steps n0, …, n1 − 1 without a graph from the current state (at n0)."""
+        run = self.run_
+        n, state, carry = self.current
+        assert n == n0, (n, n0)
+        for m in range(n0, n1):
+            record = self.steps[m]
+            if run.rk:
+                k1 = carry if carry is not None else self.first_stage(m, state)
+                keys = run.stage_keys[m][1:] if run.streams is not None else ()
+                step = self.solver.step(self.keyed(keys), self.t_n(m), record.h, state, k1)
+                carry = step.carry
+            else:
+                keys = run.step_keys[m] if run.streams is not None else ()
+                f = self.keyed(keys)
+                if carry is _INIT:
+                    carry = self.solver.init(f, self.t[0], state)
+                carry = self.retried(m, state, carry)
+                step = self.solver.step(f, self.t_n(m), record.h, state, carry)
+                carry = step.carry
+            state = step.y
+            self.recomputed += 1
+        self.current = (n1, state, carry)
+
+    def reverse(self, n: int, kept: _Kept | None) -> None:
+        run = self.run_
+        if run.rk:
+            if kept is not None and kept.stages is not None:
+                y, ks = kept.state, kept.stages
+            else:
+                m, y, carry = self.current
+                assert m == n, (m, n)
+                k1 = carry if carry is not None else self.first_stage(n, y)
+                keys = run.stage_keys[n][1:] if run.streams is not None else ()
+                ks, _ = self.solver.stages_from(
+                    self.keyed(keys), self.t_n(n), self.steps[n].h, y, k1
+                )
+                self.recomputed += 1
+            self.reverse_rk(n, y, ks)
+        elif run.has_step_vjp:
+            self.reverse_step_vjp(n, kept)
+        else:
+            m, state, carry = self.current
+            assert m == n, (m, n)
+            self.reverse_replay(n, state, carry)
+
+    # ---- one step back: explicit Runge–Kutta ------------------------------------------------
+
+    def reverse_rk(self, n: int, y: Tensor, ks: list[Tensor]) -> None:
+        """κ_i = h(b_i λ + Σ_o b_i(θ_o) ȳ_o + Σ_{j>i} a_ji J_j^T κ_j),
+        λ_n = λ + Σ_o ȳ_o + Σ_i J_i^T κ_i (ALGORITHMS §1). The FSAL stage's cotangent from
+        step n + 1 is added to κ_s; κ_1 of an FSAL scheme goes back to step n − 1 instead of
+        through a VJP here."""
+        run, record = self.run_, self.steps[n]
+        h, t_n, s = record.h, self.t_n(n), len(ks)
+        lam = self.lam
+        for i in self.ends.get(n, []):
+            lam = _sum(lam, self.grad_ys[i])
+        inside = [(i, theta, self.grad_ys[i], self.solver.dense_weights(theta))
+                  for i, theta in self.inside.get(n, [])]
+        lam_n = _Acc()
+        lam_n.add(lam)
+        for _, _, g, _ in inside:
+            lam_n.add(g)
+        keys = run.stage_keys[n] if run.streams is not None else None
+        y_bars: list[Tensor | None] = [None] * s
+        t_n_bar = h_bar = None
+        carry_bar = None
+        for i in range(s - 1, -1, -1):
+            kappa = _Acc()
+            kappa.add(lam, h * run.b[i])
+            for _, _, g, w in inside:
+                kappa.add(g, h * w[i])
+            for j in range(i + 1, s):
+                kappa.add(y_bars[j], h * run.a[j][i])
+            if self.time and kappa.value is not None:  # ∂/∂h of the h Σ_j (·) K_j terms
+                h_bar = _sum(h_bar, (ks[i] * kappa.value).sum() / h)
+            if i == s - 1 and run.fsal:
+                kappa.add(self.carry_bar)
+            if i == 0 and run.fsal:
+                carry_bar = kappa.value
+                continue
+            if kappa.value is None:
+                continue
+            point = y if i == 0 else combine(y, h, run.a_terms[i], ks)
+            time_i = t_n if i == 0 else t_n + run.c[i] * h
+            y_bars[i], g_t = self.vjp(time_i, point, kappa.value, None if keys is None else keys[i])
+            lam_n.add(y_bars[i])
+            if g_t is not None:
+                t_n_bar = _sum(t_n_bar, g_t)
+                h_bar = _sum(h_bar, run.c[i] * g_t)
+        if self.time:
+            theta_bars = []
+            for i, theta, g, _ in inside:
+                slopes = self.dense_slopes(theta)
+                dots = sum(float(slopes[j]) * (g * ks[j]).sum() for j in range(s) if slopes[j])
+                theta_bars.append((i, theta, h * dots))
+            self.chain_time(record, t_n_bar, h_bar, theta_bars)
+        self.lam, self.carry_bar = lam_n.value, carry_bar
+
+    def dense_slopes(self, theta: float) -> list[float]:
+        """b_i'(θ) = Σ_k P[i, k] (k + 1) θ^k."""
+        dense = self.run_.dense
+        powers = [(k + 1) * theta**k for k in range(dense.shape[1])]
+        return [float(sum(p * q for p, q in zip(row, powers))) for row in dense]
+
+    def vjp(self, t: Tensor, y: Tensor, cotangent: Tensor, key: int | None):
+        """J^T κ and P^T κ (accumulated) and ∂/∂t of <κ, f(t, y)>: one VJP of f."""
+        with torch.enable_grad():
+            y_in = y.detach().requires_grad_()
+            t_in = t.detach().requires_grad_() if self.time else t
+            if key is not None:
+                self.run_.streams.seed(key)
+            out = self.f(t_in, y_in)
+            if not out.requires_grad:
+                return None, None
+            inputs = [y_in] + ([t_in] if self.time else []) + self.params
+            grads = torch.autograd.grad(out, inputs, cotangent, allow_unused=True)
+        self.add_params(grads[len(grads) - len(self.params):])
+        return grads[0], (grads[1] if self.time else None)
+
+    def add_params(self, grads) -> None:
+        for k, g in enumerate(grads):
+            if g is not None:
+                self.param_bars[k] = g if self.param_bars[k] is None else self.param_bars[k] + g
+
+    def chain_time(self, record, t_n_bar, h_bar, theta_bars) -> None:
+        """dL/dt from dL/dt_n, dL/dh_n and dL/dθ: t_n = t[a] + offset, h_n = t[e] − t_n for a
+        step that lands on an output time, θ = (t_i − t_n)/h_n (see loop.Trajectory)."""
+        zero = self.t.new_zeros(())
+        t_n_bar = zero if t_n_bar is None else t_n_bar
+        h_bar = zero if h_bar is None else h_bar
+        for i, theta, g in theta_bars:
+            self.t_bar[i] += g / record.h
+            t_n_bar = t_n_bar - g / record.h
+            h_bar = h_bar - g * theta / record.h
+        if record.end_anchor is not None:
+            self.t_bar[record.end_anchor] += h_bar
+            t_n_bar = t_n_bar - h_bar
+        self.t_bar[record.start_anchor] += t_n_bar
+
+    # ---- one step back: any solver ----------------------------------------------------------
+
+    def reverse_replay(self, n: int, state: Tensor, carry: Any) -> None:
+        """Replay solver.step under autograd and pull back the cotangents of everything it
+        hands on (next state, carry, outputs) in one torch.autograd.grad."""
+        record, solver = self.steps[n], self.solver
+        run = self.run_
+        f = self.keyed(run.step_keys[n] if run.streams is not None else ())
+        with torch.enable_grad():
+            state_in = state.detach().requires_grad_()
+            t_in = self.t_n(n).requires_grad_(self.time)
+            h_in = torch.tensor(record.h, dtype=self.t.dtype, device=self.t.device,
+                                requires_grad=True) if self.time else record.h
+            carry_leaves: list[Tensor] = []
+            if carry is _INIT:
+                carry_in = solver.init(f, t_in, state_in)
+            else:
+                carry_in = _leaves(carry, carry_leaves)
+            carry_in = self.retried(n, state_in, carry_in, graph=True, t_n=t_in)
+            step = solver.step(f, t_in, h_in, state_in, carry_in)
+            outs, cots = [], []
+            if self.lam is not None:
+                outs.append(step.y)
+                cots.append(self.lam)
+            end_bar = None
+            for i in self.ends.get(n, []):
+                end_bar = _sum(end_bar, self.grad_ys[i])
+            if end_bar is not None:
+                outs.append(solver.observe(step.y))
+                cots.append(end_bar)
+            if self.carry_bar is not None:
+                for x, g in zip(_tensors(step.carry), self.carry_bar):
+                    if g is not None:
+                        outs.append(x)
+                        cots.append(g)
+            thetas = []
+            for i, theta in self.inside.get(n, []):
+                th = torch.tensor(theta, dtype=self.t.dtype, device=self.t.device,
+                                  requires_grad=True) if self.time else theta
+                thetas.append((i, theta, th))
+                outs.append(solver.interpolate(state_in, h_in, step.dense, th))
+                cots.append(self.grad_ys[i])
+            pairs = [(o, c) for o, c in zip(outs, cots) if o.requires_grad]
+            carry_diff = [x for x in carry_leaves if x.requires_grad]
+            time_inputs = [t_in, h_in] + [th for _, _, th in thetas] if self.time else []
+            inputs = [state_in] + carry_diff + time_inputs + self.params
+            if pairs:
+                grads = torch.autograd.grad(
+                    [o for o, _ in pairs], inputs, [c for _, c in pairs], allow_unused=True
+                )
+            else:
+                grads = [None] * len(inputs)
+        k = 1 + len(carry_diff)
+        self.lam = grads[0]
+        carry_grads = iter(grads[1:k])
+        self.carry_bar = [next(carry_grads) if x.requires_grad else None for x in carry_leaves]
+        if self.time:
+            theta_bars = [(i, theta, g) for (i, theta, _), g in
+                          zip(thetas, grads[k + 2:k + 2 + len(thetas)]) if g is not None]
+            self.chain_time(record, grads[k], grads[k + 1], theta_bars)
+        self.add_params(grads[len(grads) - len(self.params):])
+
+    def reverse_step_vjp(self, n: int, kept: _Kept | None) -> None:
+        """The solver's own adjoint step (implicit methods: transposed stage solves)."""
+        record, solver = self.steps[n], self.solver
+        t_n = self.t_n(n)
+        if kept is not None and kept.step is not None:
+            state, step = kept.state, kept.step
+        else:
+            m, state, carry = self.current
+            assert m == n, (m, n)
+            if carry is _INIT:
+                carry = solver.init(self.f, self.t[0], state)
+            carry = self.retried(n, state, carry)
+            step = solver.step(self.f, t_n, record.h, state, carry)
+            self.recomputed += 1
+        lam = self.lam if self.lam is not None else torch.zeros_like(step.y)
+        end_bar = None
+        for i in self.ends.get(n, []):
+            end_bar = _sum(end_bar, self.grad_ys[i])
+        if end_bar is not None:
+            lam = lam + self.observe_vjp(step.y, end_bar)
+        dense_bars = [(theta, self.grad_ys[i]) for i, theta in self.inside.get(n, [])]
+        state_bar, param_bars = solver.step_vjp(
+            self.f, t_n, record.h, state, step, lam, dense_bars, tuple(self.params)
+        )
+        self.lam = state_bar
+        self.add_params(param_bars)
+
+    def observe_vjp(self, state: Tensor, y_bar: Tensor) -> Tensor:
+        if type(self.solver).observe is Solver.observe:
+            return y_bar
+        with torch.enable_grad():
+            state_in = state.detach().requires_grad_()
+            (g,) = torch.autograd.grad(self.solver.observe(state_in), state_in, y_bar)
+        return g
+
+    def initial_state_vjp(self, lam: Tensor | None) -> Tensor | None:
+        if lam is None or type(self.solver).initial_state is Solver.initial_state:
+            return lam
+        with torch.enable_grad():
+            y0 = self.problem.y0.detach().requires_grad_()
+            (g,) = torch.autograd.grad(self.solver.initial_state(y0), y0, lam, allow_unused=True)
+        return g
+
+
+def _sum(a, b):
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return a + b
+
+
+def _leaves(obj: Any, leaves: list[Tensor]) -> Any:
+    """A copy of a carry whose floating-point tensors are fresh leaves requiring grad."""
+    if isinstance(obj, Tensor):
+        if obj.is_floating_point():
+            leaf = obj.detach().requires_grad_()
+            leaves.append(leaf)
+            return leaf
+        leaves.append(obj)  # keeps positions aligned with _tensors(); not differentiated
+        return obj
+    if isinstance(obj, (list, tuple)):
+        items = [_leaves(x, leaves) for x in obj]
+        return type(obj)(items) if isinstance(obj, list) else tuple(items)
+    if isinstance(obj, dict):
+        return {k: _leaves(v, leaves) for k, v in obj.items()}
+    return obj
