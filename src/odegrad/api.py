@@ -29,7 +29,7 @@ __all__ = ["odeint", "solve", "Solution", "METHOD_ALIASES"]
 METHOD_ALIASES = {"explicit_adams": None, "adaptive_heun": "heun",
                   "implicit_adams": None, "scipy_solver": None}
 
-_LOOP_OPTIONS = ("first_step", "adaptive", "norm", "on_attempt", "on_accept", "on_reject")
+LOOP_OPTIONS = ("first_step", "adaptive", "norm", "on_attempt", "on_accept", "on_reject")
 
 
 @dataclass
@@ -391,7 +391,6 @@ def _tolerance(value, y0: Tensor, shapes, is_tuple: bool, name: str):
     return validate_tolerance(value, name, y0)
 
 
-LOOP_OPTIONS = _LOOP_OPTIONS
 
 
 def method_options(method: str) -> set[str]:
@@ -410,14 +409,14 @@ def _split_options(method: str, gradient_module, options: dict) -> tuple[dict, d
     gradient_names = set(gradient_option_names(gradient_module, solver_names))
     solver_options, gradient_options, loop_options = {}, {}, {}
     for name, value in options.items():
-        if name in _LOOP_OPTIONS:
+        if name in LOOP_OPTIONS:
             loop_options[name] = value
         elif name in solver_names:
             solver_options[name] = value
         elif name in gradient_names:
             gradient_options[name] = value
         else:
-            valid = sorted(solver_names | gradient_names | set(_LOOP_OPTIONS))
+            valid = sorted(solver_names | gradient_names | set(LOOP_OPTIONS))
             raise UnknownNameError(
                 f"unknown option {name!r} for method={method!r} and gradient="
                 f"{gradient_module.__name__.rsplit('.', 1)[-1]!r}; valid options: "

@@ -109,11 +109,10 @@ def _root(g, solver, record, state, step, k: int, sign0: float) -> float:
     """t in (t_n, t_n + h] where g_k crosses zero on the dense output: Illinois regula falsi in
     θ, to the resolution of t."""
     t_n, h = record.t, record.h
-    like = state
 
     def phi(theta: float) -> float:
         y = solver.interpolate(state, h, step.dense, theta)
-        t = torch.tensor(t_n + theta * h, dtype=like.dtype, device=like.device)
+        t = torch.tensor(t_n + theta * h, dtype=state.dtype, device=state.device)
         return float(event_values(g, t, y)[k])
 
     a, b = 0.0, 1.0
@@ -122,7 +121,7 @@ def _root(g, solver, record, state, step, k: int, sign0: float) -> float:
         return t_n + h
     if fa == 0.0 or math.copysign(1.0, fa) == math.copysign(1.0, fb):
         fa = sign0 * max(abs(fa), 1e-300)  # the bracket's start keeps the reference sign
-    resolution = 4 * torch.finfo(like.dtype).eps * max(abs(t_n), abs(t_n + h)) / abs(h)
+    resolution = 4 * torch.finfo(state.dtype).eps * max(abs(t_n), abs(t_n + h)) / abs(h)
     side = 0
     for _ in range(_MAX_ROOT_ITERATIONS):
         if b - a <= max(resolution, 1e-15):
