@@ -391,8 +391,6 @@ def _tolerance(value, y0: Tensor, shapes, is_tuple: bool, name: str):
     return validate_tolerance(value, name, y0)
 
 
-
-
 def method_options(method: str) -> set[str]:
     """The option names the solver factory of `method` takes."""
     signature = inspect.signature(SOLVERS[method])
