@@ -209,3 +209,133 @@ def test_event_gradients_of_exact_methods_equal_direct(method, gradient):
         return  # refused, as test_combination checks
     _, want = event_loss("direct", sol.stats.get("method", method))
     assert rel(got, want) < 1e-10
+
+
+# ---- SDEs: every (SDE method, gradient, noise type), read from the registries ---------------
+
+SDE_GRADIENTS = ["direct", "discrete", "reversible", "backsolve", "interpolated"]
+SDE_NOISES = ["diagonal", "scalar", "additive", "general"]
+SDE_T = torch.tensor([0.0, 0.23, 0.5], dtype=DT)  # 0.23: an output inside a step
+
+
+def sde_combinations():
+    from odegrad.solvers.sde import SDE_SOLVERS
+
+    for method in sorted(SDE_SOLVERS):
+        for gradient in SDE_GRADIENTS:
+            for noise_type in SDE_NOISES:
+                yield method, gradient, noise_type
+
+
+class SDEDiffusion(torch.nn.Module):
+    """g(t, y) for each noise type, state-dependent except for additive noise."""
+
+    def __init__(self, noise_type: str, d: int = 2, m: int = 2):
+        super().__init__()
+        gen = torch.Generator().manual_seed(5)
+        self.noise_type, self.m = noise_type, m
+        out = {"diagonal": d, "scalar": d}.get(noise_type, d * m)
+        self.c = torch.nn.Parameter(0.2 + 0.1 * torch.rand(out, generator=gen, dtype=DT))
+        if noise_type != "additive":
+            self.w = torch.nn.Parameter(0.4 * torch.randn(out, d, generator=gen, dtype=DT))
+
+    def forward(self, t, y):
+        if self.noise_type == "additive":
+            return (self.c * torch.cos(t)).expand(*y.shape[:-1], -1).reshape(*y.shape, self.m)
+        out = self.c * torch.sigmoid(y @ self.w.T)
+        if self.noise_type == "scalar":
+            return out[..., None]
+        return out if self.noise_type == "diagonal" else out.reshape(*y.shape, self.m)
+
+
+def sde_run(method, gradient, noise_type, dt=0.1, paths=2, t=SDE_T):
+    field, g = Field(), SDEDiffusion(noise_type)
+    gen = torch.Generator().manual_seed(1)
+    y0 = (0.5 * torch.randn(paths, 2, generator=gen, dtype=DT)).requires_grad_()
+    size = 2 if noise_type in ("general", "additive") else None
+    sol = odegrad.solve_sde(field, g, y0, t, method=method, dt=dt, noise_type=noise_type,
+                            gradient=gradient, brownian_size=size, seed=3)
+    loss = sol.ys[1:].pow(2).sum() + sol.ys[-1, :, 0].sin().sum()
+    params = [y0, *field.parameters(), *g.parameters()]
+    return torch.cat([x.reshape(-1) for x in torch.autograd.grad(loss, params)])
+
+
+@pytest.mark.parametrize("method, gradient, noise_type", list(sde_combinations()))
+def test_sde_combination(method, gradient, noise_type):
+    """Exact gradients (discrete, reversible) equal direct through the same scheme and path to
+    1e-10; the stochastic adjoint (backsolve) approaches direct as dt shrinks; a refusal is an
+    UnsupportedCombinationError that says what to use instead."""
+    try:
+        grad = sde_run(method, gradient, noise_type)
+    except odegrad.UnsupportedCombinationError as error:
+        assert gradient != "direct" or "noise_type" in str(error)
+        assert "valid" in str(error) or "use" in str(error) or "methods for" in str(error)
+        return
+    if gradient in EXACT:
+        assert rel(grad, sde_run(method, "direct", noise_type)) < 1e-10
+        return
+    assert gradient == "backsolve", f"new SDE gradient {gradient!r}: classify it here"
+    # outputs on the grid: linear interpolation inside a step is O(√dt) off the SDE's y(t)
+    t = torch.tensor([0.0, 0.2, 0.5], dtype=DT)
+    gaps = [rel(sde_run(method, "backsolve", noise_type, dt, 16, t),
+                sde_run(method, "direct", noise_type, dt, 16, t)) for dt in (0.1, 0.025)]
+    assert gaps[1] < 0.6 * gaps[0], gaps
+
+
+# ---- CDEs: odegrad.cdeint through every gradient, over path kinds with and without derivative
+# jumps at the knots (linear restarts at each knot; Hermite with fixed steps is one solve).
+
+CDE_METHODS = {"rk4": {"step_size": 0.2}, "dopri5": {"rtol": 1e-6, "atol": 1e-8}}
+CDE_KINDS = ("linear", "hermite_cubic")
+
+
+def cde_combinations():
+    for kind in CDE_KINDS:
+        for method in CDE_METHODS:
+            for gradient in GRADIENTS:
+                for checkpoints in CHECKPOINTS.get(gradient, [None]):
+                    yield kind, method, gradient, checkpoints
+
+
+def cde_gradient(kind, method, gradient, checkpoints=None, refine=1, settings_of=None):
+    t = torch.tensor([0.0, 0.3, 0.8, 1.0, 1.45], dtype=DT)
+    gen = torch.Generator().manual_seed(2)
+    data = torch.randn(2, 5, 2, generator=gen, dtype=DT).requires_grad_()
+    z0 = (0.5 * torch.randn(2, 2, generator=gen, dtype=DT)).requires_grad_()
+    field = Field()  # (t, z) -> (..., 2), read as a (hidden 2) x (channels 1) matrix per series
+    path = odegrad.paths.KINDS[kind](t, data)
+
+    def f(s, z):
+        return torch.stack([field(s, z), 0.5 * z.flip(-1)], dim=-1)
+
+    options = dict(CDE_METHODS[settings_of or method])
+    if "step_size" in options:
+        options["step_size"] /= 2 ** (refine - 1)
+    else:
+        options = {k: v / 100 ** (refine - 1) for k, v in options.items()}
+    if checkpoints is not None:
+        options["checkpoints"] = checkpoints
+    sol = odegrad.solve_cde(f, path, z0, T, method=method, gradient=gradient,
+                            params=list(field.parameters()), **options)
+    loss = sol.ys[1:].pow(2).sum() + sol.ys[-1, :, 0].sin().sum()
+    grads = torch.autograd.grad(loss, [z0, data, *field.parameters()])
+    return torch.cat([g.reshape(-1) for g in grads]), sol.stats
+
+
+@pytest.mark.parametrize("kind, method, gradient, checkpoints", list(cde_combinations()))
+def test_cde_combination(kind, method, gradient, checkpoints):
+    """Exact gradients (w.r.t. z0, the data and f's parameters) equal direct through the same
+    scheme to 1e-10; continuous adjoints approach direct as the tolerance or step shrinks."""
+    try:
+        grad, stats = cde_gradient(kind, method, gradient, checkpoints)
+    except odegrad.UnsupportedCombinationError as error:
+        assert gradient != "direct" and "use" in str(error)
+        return
+    if gradient in EXACT:
+        reference, _ = cde_gradient(kind, stats["method"], "direct", settings_of=method)
+        assert rel(grad, reference) < 1e-10
+        return
+    assert gradient in CONTINUOUS, f"new gradient {gradient!r}: classify it for CDEs here"
+    gaps = [rel(cde_gradient(kind, method, gradient, refine=r)[0],
+                cde_gradient(kind, method, "direct", refine=r)[0]) for r in (1, 2)]
+    assert gaps[1] < 0.5 * gaps[0], gaps

@@ -346,3 +346,27 @@ def test_a_non_finite_vjp_is_not_reported_as_f():
                         method="rk4", step_size=0.5)
     with pytest.raises(NonFiniteError, match="adjoint dynamics"):
         ys[-1].sum().backward()
+
+
+@pytest.mark.parametrize("gradient", ["discrete", "backsolve", "interpolated", "reversible"])
+def test_params_computed_from_other_params_are_refused(gradient):
+    """params=[w, 2w]: a custom gradient would differentiate f's graph through both and count the
+    shared path twice (found with neural CDE coefficients, 2026-11-30); it must raise, while
+    direct (plain autograd) is right and the leaf alone gives the same gradient."""
+    w = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+    v = 2 * w
+
+    def f(t, y):
+        return -(w + v) * y
+
+    y0 = torch.tensor([1.0], dtype=torch.float64)
+    t = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    method = "reversible_heun" if gradient == "reversible" else "rk4"
+    options = dict(method=method, step_size=0.01, adaptive=False) if gradient == "reversible" \
+        else dict(method=method, step_size=0.1)
+    with pytest.raises(odegrad.InvalidInputError, match=r"params\[1\] is computed from params\["):
+        odegrad.odeint(f, y0, t, gradient=gradient, params=[w, v], **options)
+    (direct,) = torch.autograd.grad(
+        odegrad.odeint(f, y0, t, params=[w, v], **options)[-1].sum(), w)
+    exact = -3 * math.exp(-3 * 0.7)
+    assert abs(float(direct) - exact) < 1e-4

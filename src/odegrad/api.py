@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import Tensor
 
+from .control import CONTROL_OPTIONS, StepControl
 from .errors import (
     InvalidInputError,
     NonFiniteError,
@@ -22,14 +23,18 @@ from .gradients import load_gradient
 from .loop import DEFAULT_MAX_STEPS
 from .problem import CountedField, Problem, TupleField, probe_graph, validate_tolerance
 from .solvers import SOLVERS, make_solver
+from .step_times import STEP_TIME_OPTIONS, read_times, solve_through
 
 __all__ = ["odeint", "solve", "Solution", "METHOD_ALIASES"]
 
-# torchdiffeq's names for schemes that exist here.
-METHOD_ALIASES = {"explicit_adams": None, "adaptive_heun": "heun",
-                  "implicit_adams": None, "scipy_solver": None}
+# torchdiffeq's names for schemes that exist here (with odegrad's option defaults: the Adams
+# methods up to order 4 here, torchdiffeq's max_order=12 through odegrad.compat.torchdiffeq).
+METHOD_ALIASES = {"explicit_adams": "adams_bashforth", "adaptive_heun": "heun",
+                  "implicit_adams": "adams_bashforth_moulton",
+                  "fixed_adams": "adams_bashforth_moulton", "scipy_solver": None}
 
-LOOP_OPTIONS = ("first_step", "adaptive", "norm", "on_attempt", "on_accept", "on_reject")
+LOOP_OPTIONS = ("first_step", "adaptive", "norm", "on_attempt", "on_accept", "on_reject",
+                *CONTROL_OPTIONS, *STEP_TIME_OPTIONS)
 
 
 @dataclass
@@ -113,6 +118,18 @@ def solve(
             decreasing t), y a detached copy of the solution (a tuple for a tuple state).
             They run during the forward solve only, once per step (stats n_steps,
             n_accepted, n_rejected) for every gradient method, never in a backward pass.
+            Adaptive step control (torchdiffeq's names and defaults; they set the forward
+            solve, which every gradient method replays; a continuous adjoint's backward solve
+            keeps its own controller): `min_step=0` and `max_step=inf` bound |h| of every
+            step attempt, and a step with |h| <= min_step is accepted whatever its error;
+            `safety=0.9` (in (0, 1]) scales the PI controller's factor, clipped to
+            [`dfactor=0.2`, `ifactor=10`] (0 < dfactor < 1 < ifactor). Fixed steps refuse
+            them. `step_t=`, `jump_t=`: times (a 1-D tensor or a sequence; constants, those
+            outside the interval ignored) where a step must end: a step that would cross one
+            is clipped to land on it. At a jump_t, f is evaluated one ulp inside the interval
+            on either side (f may be discontinuous in t there): the solve restarts at each
+            jump (step_times.py). Fixed steps of step_size restart from each of them. Not
+            with event_fn.
     """
     stats: dict = {"nfe_forward": 0, "nfe_backward": 0}
     method = _resolve_method(method)
@@ -156,6 +173,22 @@ def solve(
             f"step_size must be a positive finite number, got {step_size!r}"
         )
 
+    control = StepControl(**{k: loop_options[k] for k in CONTROL_OPTIONS if k in loop_options})
+    is_adaptive = solver.adaptive if adaptive is None else adaptive
+    if not is_adaptive and not control.is_default:
+        names = ", ".join(k for k in CONTROL_OPTIONS if k in loop_options)
+        raise UnsupportedCombinationError(
+            f"{names} control adaptive steps, but method={method!r} takes fixed steps here"
+            f"{' (adaptive=False)' if adaptive is False else ''}; use an adaptive method (dopri5, "
+            "tsit5, bosh3, ...) or drop them"
+        )
+    step_times = {k: read_times(loop_options[k], k, t) for k in STEP_TIME_OPTIONS
+                  if loop_options.get(k) is not None}
+    if step_times and event_fn is not None:
+        raise UnsupportedCombinationError(
+            f"{' and '.join(step_times)} with event_fn: the event search does not stop at them; "
+            "solve up to the event first, or drop them"
+        )
     problem = Problem(
         f=counted, y0=y0_flat, t=t, solver=solver, params=params,
         rtol=_tolerance(rtol, y0_flat, shapes, is_tuple, "rtol"),
@@ -166,6 +199,7 @@ def solve(
         **({"norm": loop_options["norm"]} if "norm" in loop_options else {}),
         **{k: v for k, v in loop_options.items() if k.startswith("on_")},
         state_view=TupleField(f, shapes).unflatten if is_tuple else None,
+        control=control,
     )
     if problem.adaptive:
         _check_tolerances_positive(problem.rtol, problem.atol)
@@ -176,7 +210,12 @@ def solve(
         check(problem)
     stats["method"] = solver.name
     event_t = event_y = None
-    if event_fn is None:
+    if step_times:
+        ys = solve_through(
+            problem, lambda piece: gradient_module.solve(piece, **gradient_options),
+            step_times.get("step_t", []), step_times.get("jump_t", []),
+        )
+    elif event_fn is None:
         ys = gradient_module.solve(problem, **gradient_options)
     else:
         t, ys, event_t, event_y = _solve_until_event(
@@ -237,6 +276,37 @@ def _unique_params(params: Sequence[Tensor]) -> tuple[Tensor, ...]:
     return tuple(unique)
 
 
+def _check_independent(params: Sequence[Tensor], gradient: str) -> None:
+    """Raise if a tensor of `params` is computed from another: a custom gradient method returns
+    ∂L/∂p for each p by differentiating f's graph, which then reaches the leaf p through the
+    derived one as well, and autograd adds the derived one's gradient back on top: the shared
+    path would be counted twice. One walk of each non-leaf param's graph (small: the graph of
+    the parameters, not of f)."""
+    leaves = {id(p): k for k, p in enumerate(params) if p.grad_fn is None}
+    nodes = {p.grad_fn: k for k, p in enumerate(params) if p.grad_fn is not None}
+    for k, p in enumerate(params):
+        if p.grad_fn is None:
+            continue
+        stack, seen = [p.grad_fn], set()
+        while stack:
+            node = stack.pop()
+            for child, _ in node.next_functions:
+                if child is None or child in seen:
+                    continue
+                seen.add(child)
+                j = nodes.get(child)
+                variable = getattr(child, "variable", None)
+                if j is None and variable is not None:
+                    j = leaves.get(id(variable))
+                if j is not None and j != k:
+                    raise InvalidInputError(
+                        f"params[{k}] is computed from params[{j}]: gradient={gradient!r} "
+                        "would count their shared path twice. Pass only independent tensors "
+                        "in params= (usually the leaves, e.g. the nn.Parameters)"
+                    )
+                stack.append(child)
+
+
 def _check_function_transforms(gradient: str) -> None:
     """torch.func transforms: `grad`/`vjp`/`jacrev`/`jvp` run through gradient="direct" (plain
     autograd); the custom gradient methods are autograd.Functions that do not support them, and
@@ -270,7 +340,7 @@ def _check_tolerances_positive(rtol: Tensor | float, atol: Tensor | float) -> No
 
 
 def probe_field(f, y0: Tensor, t: Tensor, params: Sequence[Tensor], gradient: str,
-                module: torch.nn.Module | None = None) -> bool:
+                module: torch.nn.Module | None = None, name: str = "f") -> bool:
     """Check f once for what the custom gradient methods cannot see; returns whether f draws
     random numbers (dropout, noise), which those methods must replay or refuse.
 
@@ -283,8 +353,10 @@ def probe_field(f, y0: Tensor, t: Tensor, params: Sequence[Tensor], gradient: st
     candidates: f's own leaves are new objects there, a captured tensor is the same one. The
     evaluations draw from forked random streams and leave f's buffers as they were. Every solve
     probes (one f evaluation with a graph, about 1-2 % of a typical solve): a cache keyed on f
-    would go stale when f's module switches between train() and eval().
+    would go stale when f's module switches between train() and eval(). `name` names f in the
+    message (the SDE API probes its drift "f" and diffusion "g").
     """
+    _check_independent(params, gradient)
     missing, draws_random = probe_graph(f, y0, t, params, module)
     if missing:
         again = {id(v) for v in probe_graph(f, y0, t, params, module)[0]}
@@ -293,10 +365,10 @@ def probe_field(f, y0: Tensor, t: Tensor, params: Sequence[Tensor], gradient: st
         shapes = ", ".join(str(tuple(v.shape)) for v in missing[:5])
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise InvalidInputError(
-            f"f depends on {len(missing)} tensor(s) that require grad but are not in params= "
-            f"(shapes {shapes}{more}): gradient={gradient!r} would give them no gradient. Pass "
-            "them in params= (for an nn.Module f, params defaults to f.parameters()), or "
-            "detach them / call requires_grad_(False) if they are constants"
+            f"{name} depends on {len(missing)} tensor(s) that require grad but are not in "
+            f"params= (shapes {shapes}{more}): gradient={gradient!r} would give them no "
+            f"gradient. Pass them in params= (for an nn.Module {name}, params defaults to its "
+            "parameters), or detach them / call requires_grad_(False) if they are constants"
         )
     return draws_random
 

@@ -1,4 +1,4 @@
-"""The command line: `odegrad compare`, `odegrad train {classifier,cnf,latent}`, `odegrad demo`.
+"""The command line: `odegrad compare`, `odegrad train MODEL`, `odegrad demo`.
 
 Each subcommand lives in its own module exposing `add_arguments(parser)` and `run(args)`.
 """
@@ -12,7 +12,7 @@ import sys
 
 _SUBCOMMANDS = {
     "compare": ("odegrad.compare", "every gradient method side by side on a neural ODE"),
-    "train": ("odegrad.train", "train an ODE model: classifier, cnf or latent"),
+    "train": ("odegrad.train", "train a model: classifier, cnf, latent, cde or sde"),
     "demo": ("odegrad.demo", "a short solve with its statistics"),
 }
 

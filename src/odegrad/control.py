@@ -1,4 +1,4 @@
-"""Step-size control: the error norm, the PI controller and the automatic initial step."""
+"""Step-size control: the error norm, the PI controller, its settings and the initial step."""
 
 from __future__ import annotations
 
@@ -24,6 +24,70 @@ def scaled_error(
     """‖err / (atol + rtol · max(|y0|, |y1|))‖; a step is accepted when this is ≤ 1."""
     scale = atol + rtol * torch.maximum(y0.abs(), y1.abs())
     return norm(error / scale)
+
+
+# The names of StepControl's settings: solve's options of these names (api.LOOP_OPTIONS).
+CONTROL_OPTIONS = ("min_step", "max_step", "safety", "ifactor", "dfactor")
+
+
+@dataclass(frozen=True)
+class StepControl:
+    """The user's settings of adaptive step-size control (torchdiffeq's names and defaults).
+
+    `min_step` ≤ |h| ≤ `max_step` for every proposed step; a step with |h| ≤ min_step is
+    accepted whatever its error (torchdiffeq's rule, rk_common.py), so min_step > 0 trades
+    accuracy for a bounded step count. The PI factor is safety · ε^(…) clipped to
+    [dfactor, ifactor] (PIController).
+    """
+
+    min_step: float = 0.0
+    max_step: float = math.inf
+    safety: float = 0.9
+    ifactor: float = 10.0
+    dfactor: float = 0.2
+
+    def __post_init__(self) -> None:
+        from .errors import InvalidInputError
+
+        values = {}
+        for name in CONTROL_OPTIONS:
+            value = getattr(self, name)
+            try:
+                number = float(value)
+            except (TypeError, ValueError):
+                raise InvalidInputError(f"{name} must be a number, got {value!r}") from None
+            if isinstance(value, bool) or math.isnan(number):
+                raise InvalidInputError(f"{name} must be a number, got {value!r}")
+            values[name] = number
+            object.__setattr__(self, name, number)
+        checks = (
+            ("min_step", values["min_step"] >= 0 and math.isfinite(values["min_step"]),
+             "a finite number >= 0"),
+            ("max_step", values["max_step"] > 0, "> 0 (inf for no bound)"),
+            ("safety", 0 < values["safety"] <= 1, "in (0, 1]"),
+            ("ifactor", 1 < values["ifactor"] < math.inf, "a finite number > 1"),
+            ("dfactor", 0 < values["dfactor"] < 1, "in (0, 1)"),
+        )
+        for name, ok, expected in checks:
+            if not ok:
+                raise InvalidInputError(f"{name} must be {expected}, got {getattr(self, name)!r}")
+        if values["min_step"] > values["max_step"]:
+            raise InvalidInputError(
+                f"min_step={values['min_step']!r} exceeds max_step={values['max_step']!r}"
+            )
+
+    @property
+    def is_default(self) -> bool:
+        return self == StepControl()
+
+    def clamp(self, h: float) -> float:
+        """h with |h| clipped to [min_step, max_step], its sign kept."""
+        size = min(self.max_step, max(self.min_step, abs(h)))
+        return math.copysign(size, h)
+
+    def forces_acceptance(self, h: float) -> bool:
+        """A step this short is accepted whatever its error (|h| ≤ min_step, min_step > 0)."""
+        return self.min_step > 0 and abs(h) <= self.min_step
 
 
 @dataclass

@@ -4,7 +4,9 @@ The loop records what every gradient method replays (ALGORITHMS.md §1, "adaptiv
 accepted step's (t_n, h_n) as constants of the discrete scheme, tied to the output times `t`
 only through t_n = t[anchor] + offset and, for a step that lands on an output time,
 h_n = t[end_anchor] − t_n. A gradient w.r.t. `t` therefore flows through the first time, the
-clipped last step and the interpolation points, and nowhere through the controller.
+clipped last step and the interpolation points, and nowhere through the controller. Steps land
+on t[-1] and on the output times listed in `stops` (solve's step_t and jump_t, merged into t by
+the API), in the same recorded way, so every gradient method replays them exactly.
 """
 
 from __future__ import annotations
@@ -18,7 +20,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .control import Norm, PIController, initial_step_size, rms_norm, scaled_error
+from .control import (
+    Norm,
+    PIController,
+    StepControl,
+    initial_step_size,
+    rms_norm,
+    scaled_error,
+)
 from .errors import MaxStepsExceededError, NonFiniteError, StepSizeUnderflowError
 from .solvers.base import Scalar, Solver, Step, StepRejected, VectorField
 
@@ -111,6 +120,8 @@ def integrate(
     on_attempt: StepHook | None = None,
     on_accept: StepHook | None = None,
     on_reject: StepHook | None = None,
+    control: StepControl | None = None,
+    stops: Sequence[int] = (),
 ) -> tuple[list[Tensor], Trajectory]:
     """Solve y' = f(t, y) from y0 at t[0] and return y at every t[i], with the trajectory.
 
@@ -126,6 +137,11 @@ def integrate(
     count in stats n_steps, n_accepted, n_rejected), with t_n the step's time tensor, y the
     observed state (`solver.observe`) and h the float step size; without them the loop does
     nothing more per step.
+
+    `control` bounds adaptive steps and sets the controller's factors (control.StepControl).
+    `stops`: indices of output times where a step must end, as at t[-1]: an adaptive step that
+    would cross one is clipped to land on it (h_n = t[stop] − t_n, recorded as end_anchor); fixed
+    steps of `step_size` restart from each stop.
 
     Fixed steps (three or more) with times that are not differentiated read t_n and the stage
     times of a solver that `takes_stage_times` from one table built before the loop
@@ -149,8 +165,10 @@ def integrate(
 
     times = [float(v) for v in t.detach().cpu().tolist()]
     direction = 1.0 if times[-1] > times[0] else -1.0
-    t_end = times[-1]
     time_grad = t.requires_grad and torch.is_grad_enabled()
+    control = StepControl() if control is None else control
+    landings = sorted({int(i) for i in stops if 0 < int(i) < len(t) - 1} | {len(t) - 1})
+    next_landing = 0  # landings[next_landing]: the next output time a step must end on
 
     solver.configure(rtol=rtol, atol=atol)
     state = solver.initial_state(y0)
@@ -158,7 +176,8 @@ def integrate(
     if adaptive:
         beta1, beta2 = solver.controller_coefficients
         controller = PIController(
-            error_order=solver.error_order or solver.order, beta1=beta1, beta2=beta2
+            error_order=solver.error_order or solver.order, beta1=beta1, beta2=beta2,
+            safety=control.safety, min_factor=control.dfactor, max_factor=control.ifactor,
         )
         if step_size is None:
             f0 = solver.reuse_first_stage(carry)
@@ -171,9 +190,10 @@ def integrate(
                 )
         else:
             h = direction * abs(float(step_size))
+        h = control.clamp(h)
         plan = None
     else:
-        plan = _fixed_plan(times, step_size, direction, max_steps)
+        plan = _fixed_plan(times, step_size, direction, max_steps, landings)
     # Fixed steps with constant times: every stage time up front, read as views per step.
     rows = None
     if (plan is not None and len(plan) >= _MIN_TABLE_STEPS and not time_grad
@@ -195,11 +215,16 @@ def integrate(
             h, end_anchor, step_anchor, step_offset = plan[stats["n_accepted"]]
         else:
             step_anchor, step_offset, end_anchor = anchor, offset, None
-            # Land on the end when the remainder would be below the resolution of t in y's
-            # dtype (a step that short would then raise the underflow error below).
-            resolution = 8 * torch.finfo(y.dtype).eps * max(abs(t_end), abs(t_n))
-            if direction * (t_n + h - t_end) >= -max(1e-12 * max(abs(t_end), abs(h)), resolution):
-                h, end_anchor = t_end - t_n, len(t) - 1
+            # Land on the next stop (or the end) when the remainder would be below the
+            # resolution of t in y's dtype (a step that short would then raise the underflow
+            # error below).
+            target = landings[next_landing]
+            t_target = times[target]
+            h_wanted = h  # the controller's step, before it is clipped to land
+            resolution = 8 * torch.finfo(y.dtype).eps * max(abs(t_target), abs(t_n))
+            if direction * (t_n + h - t_target) >= -max(
+                    1e-12 * max(abs(t_target), abs(h)), resolution):
+                h, end_anchor = t_target - t_n, target
             if abs(h) <= 4 * torch.finfo(y.dtype).eps * max(abs(t_n), 1e-300):
                 if nonfinite_retries:
                     raise NonFiniteError(
@@ -236,7 +261,7 @@ def integrate(
                 nonfinite_retries += 1  # so an underflow after it is reported as non-finite
             rejected.append(h)
             carry = rejection.retry_carry if rejection.retry_carry is not None else carry
-            h = h * rejection.factor
+            h = control.clamp(h * rejection.factor)
             continue
         failed_steps = 0
         stats["n_steps"] += 1
@@ -261,11 +286,12 @@ def integrate(
                     on_reject(t_tensor, solver.observe(y), h)
                 rejected.append(h)
                 carry = step.retry_carry if step.retry_carry is not None else carry
-                h = h * controller.min_factor
+                h = control.clamp(h * controller.min_factor)
                 continue
             nonfinite_retries = 0
-            accepted = ratio <= 1.0
-            h_next = controller.propose(h, ratio, accepted)
+            # min_step accepts a step clipped to land, also when the clip rounded it above
+            accepted = ratio <= 1.0 or control.forces_acceptance(min(abs(h), abs(h_wanted)))
+            h_next = control.clamp(controller.propose(h, ratio, accepted))
             if not accepted:
                 stats["n_rejected"] += 1
                 if on_reject is not None:
@@ -287,7 +313,7 @@ def integrate(
             on_step(record, y, step)
         if on_accept is not None:
             on_accept(t_tensor, solver.observe(step.y), h)
-        t_next = t_end if end_anchor == len(t) - 1 else t_n + h
+        t_next = t_n + h if end_anchor is None else times[end_anchor]
         next_output = _emit_outputs(
             solver, t, times, direction, record, t_tensor, h_used, y, step, t_next,
             next_output, outputs, trajectory, time_grad,
@@ -296,15 +322,19 @@ def integrate(
         y_previous, y, carry = y, step.y, step.carry
         if end_anchor is not None:
             anchor, offset, t_n = end_anchor, 0.0, times[end_anchor]
+            if plan is None and end_anchor == landings[next_landing]:
+                next_landing = min(next_landing + 1, len(landings) - 1)
         else:
             offset, t_n = offset + h, t_n + h
         if plan is None:
             h = h_next
 
+    if plan is None and "_next_step" in stats:  # asked for by step_times (jump_t pieces)
+        stats["_next_step"] = abs(h)
     if plan is not None and not check_each_step and not bool(torch.isfinite(y).all()):
         with torch.no_grad():
             integrate(f, y0, t, solver, step_size=step_size, adaptive=False, max_steps=max_steps,
-                      stats={}, check_each_step=True)
+                      stats={}, check_each_step=True, stops=stops)
         raise NonFiniteError("f returned a non-finite value during the solve")
     # Schemes with a parasitic mode (the reversible ones) check once, at the end, that it has
     # not spoilt the solution: one host synchronisation per solve.
@@ -339,12 +369,21 @@ def _emit_outputs(
     return next_output
 
 
-def fixed_step_count(t: Tensor, step_size: float | None) -> int:
+def fixed_step_count(t: Tensor, step_size: float | None, stops: Sequence[int] = ()) -> int:
     """The number of steps a fixed-step solve over the times t takes (known before it runs)."""
     times = [float(v) for v in t.detach().cpu().tolist()]
     if len(times) < 2:
         return 0
-    return _fixed_step_total(times, step_size)
+    if step_size is None:
+        return len(times) - 1
+    bounds = _segments(len(times), stops)
+    return sum(_fixed_step_total([times[a], times[b]], step_size) for a, b in bounds)
+
+
+def _segments(n_times: int, stops: Sequence[int]) -> list[tuple[int, int]]:
+    """(start, end) output indices of the stretches between consecutive stops (and the ends)."""
+    marks = [0] + sorted({int(i) for i in stops if 0 < int(i) < n_times - 1}) + [n_times - 1]
+    return list(zip(marks[:-1], marks[1:]))
 
 
 def _fixed_step_total(times: list[float], step_size: float | None) -> int:
@@ -356,10 +395,26 @@ def _fixed_step_total(times: list[float], step_size: float | None) -> int:
 
 
 def _fixed_plan(
-    times: list[float], step_size: float | None, direction: float, max_steps: int | None = None
+    times: list[float], step_size: float | None, direction: float, max_steps: int | None = None,
+    stops: Sequence[int] = (),
 ) -> list:
     """(h, end_anchor, start_anchor, start_offset) of every step of a fixed-step solve; the
-    step count is checked against `max_steps` before the plan is built."""
+    step count is checked against `max_steps` before the plan is built. With `stops`, steps of
+    `step_size` restart from each stop (the last one before it clipped to land on it)."""
+    bounds = _segments(len(times), stops) if step_size is not None else [(0, len(times) - 1)]
+    if len(bounds) > 1:
+        n = sum(_fixed_step_total([times[a], times[b]], step_size) for a, b in bounds)
+        if max_steps is not None and n > max_steps:
+            raise MaxStepsExceededError(
+                f"a fixed-step solve from {times[0]:.10g} to {times[-1]:.10g} with step_size="
+                f"{step_size!r} and {len(bounds) - 1} stop(s) needs {n} steps, more than "
+                f"max_steps={max_steps}; raise max_steps or take a larger step_size"
+            )
+        plan = []
+        for a, b in bounds:
+            for h, end, _, offset in _fixed_plan([times[a], times[b]], step_size, direction):
+                plan.append((h, None if end is None else b, a, offset))
+        return plan
     n = _fixed_step_total(times, step_size)
     if max_steps is not None and n > max_steps:
         raise MaxStepsExceededError(

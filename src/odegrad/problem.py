@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .control import Norm, rms_norm
+from .control import Norm, StepControl, rms_norm
 from .loop import DEFAULT_MAX_STEPS, Trajectory, integrate
 from .solvers.base import Solver, VectorField
 
@@ -45,6 +45,10 @@ class Problem:
     on_accept: Callable | None = None
     on_reject: Callable | None = None
     state_view: Callable | None = None
+    # Adaptive step-size settings (solve's min_step, max_step, safety, ifactor, dfactor), and
+    # the indices of t where a step must end (solve's step_t merged into t).
+    control: StepControl = field(default_factory=StepControl)
+    stops: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         from .errors import InvalidInputError
@@ -76,7 +80,7 @@ class Problem:
             self.f, self.y0 if y0 is None else y0, self.t, self.solver,
             rtol=self.rtol, atol=self.atol, step_size=self.step_size, adaptive=self.adaptive,
             max_steps=self.max_steps, norm=self.norm, on_step=on_step, stats=self.stats,
-            **callbacks,
+            control=self.control, stops=self.stops, **callbacks,
         )
 
 

@@ -40,6 +40,8 @@ from .argtypes import (
 from .errors import OdegradError
 from .gradients import available_gradients, load_gradient
 from .models import ODEBlock, ODERNNEncoder
+from .models.cde import NeuralCDE
+from .models.latent_sde import LatentSDE
 from .solvers import SOLVERS
 from .train_tasks import TASKS, ClassifierTask, CNFTask, LatentTask, Task
 
@@ -62,9 +64,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _add_common(parser: argparse.ArgumentParser, defaults: dict, name: str) -> None:
     solver = parser.add_argument_group("solver")
-    solver.add_argument("--method", choices=sorted(SOLVERS), default=defaults["method"],
-                        help="the ODE scheme")
-    solver.add_argument("--gradient", choices=available_gradients(), default="direct",
+    solver.add_argument("--method", choices=defaults.get("method_choices", sorted(SOLVERS)),
+                        default=defaults["method"], help="the scheme")
+    solver.add_argument("--gradient", choices=available_gradients(),
+                        default=defaults.get("gradient", "direct"),
                         help="how the solves are differentiated")
     solver.add_argument("--checkpoints", type=checkpoints, default=None,
                         help="what gradient=discrete keeps: all, solution or an int budget")
@@ -144,7 +147,7 @@ def _run(args: argparse.Namespace) -> int:
     if problem is not None:
         return _error(args, f"--out {args.out}: {problem}")
     try:
-        _check_solver(args)
+        getattr(TASKS[args.model], "check_solver", _check_solver)(args)
     except (OdegradError, ValueError, TypeError) as error:
         return _error(args, str(error))
     try:
@@ -175,12 +178,13 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _solvers(model: nn.Module) -> list[nn.Module]:
-    """The modules whose `stats` count the solves of a forward pass: every ODEBlock, except those
-    an ODE-RNN encoder runs once per gap (their `stats` hold the last gap only), which count
-    through the encoder's summed `stats`."""
+    """The modules whose `stats` count the solves of a forward pass: every ODEBlock, neural
+    CDE and latent SDE, except those an ODE-RNN encoder runs once per gap (their `stats` hold
+    the last gap only), which count through the encoder's summed `stats`."""
     encoders = [m for m in model.modules() if isinstance(m, ODERNNEncoder)]
     per_gap = {id(encoder.flow) for encoder in encoders}
-    blocks = [m for m in model.modules() if isinstance(m, ODEBlock) and id(m) not in per_gap]
+    blocks = [m for m in model.modules()
+              if isinstance(m, (ODEBlock, NeuralCDE, LatentSDE)) and id(m) not in per_gap]
     return [*blocks, *encoders]
 
 

@@ -416,3 +416,5 @@ def _gaussian_nll(x_train: Tensor, x_test: Tensor) -> float:
     cov = torch.cov(x_train.T, correction=0)
     gaussian = torch.distributions.MultivariateNormal(mean, covariance_matrix=cov)
     return float(-gaussian.log_prob(x_test).mean())
+
+from . import train_cde, train_sde  # noqa: E402, F401, I001  (register CDETask, SDETask in TASKS)

@@ -157,7 +157,7 @@ def _planned_steps(problem: Problem) -> int | None:
     """N for fixed steps (known before the solve), None for adaptive ones."""
     if problem.adaptive:
         return None
-    return fixed_step_count(problem.t, problem.step_size)
+    return fixed_step_count(problem.t, problem.step_size, problem.stops)
 
 
 def _is_plain_rk(solver: Solver) -> bool:

@@ -34,7 +34,7 @@ def _explicit_factory(tableau):
 for _name, _tableau in TABLEAUS.items():
     register_solver(_name, _explicit_factory(_tableau))
 
-_PLUGIN_MODULES = ("implicit", "alf", "reversible")
+_PLUGIN_MODULES = ("implicit", "alf", "reversible", "adams")
 for _module in _PLUGIN_MODULES:
     if importlib.util.find_spec(f"{__name__}.{_module}") is not None:
         importlib.import_module(f"{__name__}.{_module}")

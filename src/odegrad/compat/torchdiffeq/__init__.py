@@ -14,10 +14,12 @@ Honoured:
     Adaptive methods (dopri5, dopri8, bosh3, adaptive_heun): first_step, max_num_steps
     (default 2**31 - 1, counted per output interval as torchdiffeq does), norm (a callable; on a
     tuple state it receives the tuple; the default on a tuple state is torchdiffeq's max over
-    the tensors of their RMS norms), step_t and jump_t (the solve restarts there, so that a step
-    ends on each; at a jump_t, f is evaluated one ulp inside the interval on either side, as
-    torchdiffeq's Perturb does), and min_step=0, max_step=inf, safety=0.9, ifactor=10,
-    dfactor=0.2, dtype=float64 (the defaults, which odegrad's controller also uses).
+    the tensors of their RMS norms), step_t and jump_t (odegrad's options of those names: steps
+    land on each; at a jump_t, f is evaluated one ulp inside the interval on either side, as
+    torchdiffeq's Perturb does; with a max_num_steps the solve restarts there instead),
+    min_step, max_step, safety, ifactor, dfactor (odegrad's options of those names, with
+    torchdiffeq's meaning: |h| clamped to [min_step, max_step], a step with |h| <= min_step
+    accepted whatever its error), dtype=float64 (the default).
     Fixed-grid methods (euler, midpoint, heun2, heun3, and rk4, which is Kutta's 3/8 rule,
     odegrad's "rk4_38", not odegrad's classical "rk4"): step_size, grid_constructor, interp
     ("linear" between grid points as torchdiffeq does, or "cubic" Hermite), perturb.
@@ -33,10 +35,11 @@ Honoured:
     on_attempt / on_accept / on_reject hooks (problem.py _hooks).
 
 Raised (InvalidInputError or UnknownNameError, each naming the option):
-    methods odegrad lacks: explicit_adams, implicit_adams, fixed_adams;
-    odeint_dense; event_fn with scipy_solver or step_t/jump_t; options
-    min_step/max_step/safety/ifactor/dfactor other than the defaults; dtype asking for float32
-    time arithmetic; a callable
+    odeint_dense; perturb with the Adams methods; event_fn with scipy_solver or step_t/jump_t;
+    out-of-range controller values (min_step > max_step, dfactor >= 1, ...); adjoint_options
+    min_step/max_step/safety/ifactor/dfactor other than the defaults (odegrad's backward solve
+    runs its own controller; they default to options', so odeint_adjoint with a controller
+    option needs adjoint_options without it); dtype asking for float32 time arithmetic; a callable
     adjoint_options["norm"] for an adaptive adjoint method; adjoint options the backward solve
     cannot take (a max_num_steps other than the forward's, step_t/jump_t absent from the
     forward, a grid_constructor other than the reversed forward grid, perturb other than the
@@ -48,8 +51,8 @@ Differences that remain (within the schemes' accuracy, not options): adaptive me
 odegrad's PI controller, initial step and dense output, so results agree with torchdiffeq's to
 the tolerance, not to the bit; steps are limited to the resolution of t in y0's dtype (torchdiffeq
 keeps times in float64 for a float32 state); the adjoint's error norm has no block for the time
-adjoint; where the shim restarts the solve (step_t, jump_t, perturb, max_num_steps with several
-output times) odeint_adjoint's backward pass restarts from the stored forward state, and on a
+adjoint; where the shim restarts the solve (jump_t, perturb, max_num_steps with several output
+times) odeint_adjoint's backward pass restarts from the stored forward state, and on a
 fixed grid that misses some output times it steps back over the forward grid through the
 interpolation (torchdiffeq re-solves through both), so gradients agree to the order of the
 scheme; odeint_adjoint lets the backward evaluations update f's buffers, as torchdiffeq does.

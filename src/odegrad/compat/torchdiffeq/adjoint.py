@@ -7,7 +7,7 @@ import torch
 
 from ...errors import InvalidInputError
 from . import scipy_solver
-from .methods import resolve
+from .methods import adams_method, resolve
 from .options import (
     _boundaries,
     _check_callbacks,
@@ -79,7 +79,27 @@ def odeint_adjoint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=No
         atol if adjoint_atol is None else adjoint_atol,
         adjoint_method, dict(adjoint_options),
     )
-    return problem.finish(problem.solve("backsolve", dict(adjoint, params=params)))
+    out = problem.finish(problem.solve("backsolve", dict(adjoint, params=params)))
+    if event_fn is None or len(problem.t) == 1:
+        return out
+    event_t, ys = out
+    return _EventTimeWithoutGradient.apply(event_t, *(ys if problem.shapes else (ys,))), ys
+
+
+class _EventTimeWithoutGradient(torch.autograd.Function):
+    """torchdiffeq's odeint_adjoint returns the event time as an output of its autograd
+    Function, part of the graph but never differentiated ("Does NOT backpropagate through the
+    event time"): event_t.backward() runs and gives no gradient. The same here: the event time
+    hangs on the solution with a zero cotangent."""
+
+    @staticmethod
+    def forward(ctx, event_t, *ys):
+        ctx.shapes = [(y.shape, y.dtype, y.device) for y in ys]
+        return event_t.detach().clone()
+
+    @staticmethod
+    def backward(ctx, grad_t):
+        return (None, *(torch.zeros(s, dtype=d, device=v) for s, d, v in ctx.shapes))
 
 
 def _scipy_adjoint(problem, params, rtol, atol, name, options):
@@ -160,6 +180,14 @@ def adjoint_settings(problem, rtol, atol, method, options) -> dict:
             f"adjoint_method={name!r} with method={problem.name!r}: odegrad's backward solve "
             f"cannot run {og_method!r} with fixed steps unless the forward does"
         )
+    if family == "adams":  # the backward solve runs the forward's solver (its max_order, ...)
+        og_method, adams_options = adams_method(name, options, "adjoint_options")
+        if (og_method, adams_options) != (problem.og_method, problem.method_options):
+            raise InvalidInputError(
+                f"adjoint_method={name!r} with adjoint_options {options}: odegrad's backward "
+                f"solve runs an Adams method only as the forward's {problem.name!r} with the "
+                "same max_order, max_iters and implicit"
+            )
     if og_method != problem.og_method or fixed_mode != problem.fixed_mode:
         settings["adjoint_method"] = og_method
     if family == "adaptive":
@@ -185,7 +213,7 @@ def _adaptive_adjoint(problem, options, norm) -> dict:
         raise InvalidInputError(
             f"adjoint_options['norm'] must be 'seminorm' or a callable, got {norm!r}"
         )
-    _check_controller(options, problem.y0, "adjoint_options")
+    _check_controller(options, problem.y0, "adjoint_options", backward=True)
     first_step = options.get("first_step")
     if first_step is not None:
         settings["adjoint_step_size"] = _positive(first_step, "adjoint_options['first_step']")

@@ -31,7 +31,8 @@ _DROPPED = {"fixed": ("norm",), "adams": ("norm",), "adaptive": (), "scipy": ("n
 OPTION_NAMES = tuple(sorted(set(_ADAMS_OPTIONS + _ADAPTIVE_OPTIONS + _SCIPY_OPTIONS
                                 + ("grid_points", "eps"))))
 
-# The defaults of torchdiffeq's step-size controller, which odegrad's controller shares.
+# The defaults of torchdiffeq's step-size controller, which odegrad's solve shares (its options
+# of the same names).
 _CONTROLLER_DEFAULTS = {"min_step": 0.0, "max_step": math.inf, "safety": 0.9, "ifactor": 10.0,
                         "dfactor": 0.2}
 _CALLBACKS = ("callback_step", "callback_accept_step", "callback_reject_step")
@@ -64,14 +65,22 @@ def _sort_options(cls, family, options, where):
     return taken
 
 
-def _check_controller(options, y0, where):
-    for key, default in _CONTROLLER_DEFAULTS.items():
-        if key in options and _number(options[key]) != default:
-            raise InvalidInputError(
-                f"{where}[{key!r}]={options[key]!r} is not supported: odegrad's step-size "
-                f"controller has no {key} setting; only torchdiffeq's default {key}={default} "
-                "(which odegrad's controller also uses) is accepted"
-            )
+def _check_controller(options, y0, where, backward=False) -> dict:
+    """The step-size controller settings among `options`, as odegrad's solve takes them (its
+    options of the same names and meaning: min_step, max_step, safety, ifactor, dfactor; their
+    values are checked there). For the backward solve (`backward`), only torchdiffeq's defaults
+    are accepted: odegrad's continuous adjoint runs its own controller with those."""
+    control = {key: options[key] for key in _CONTROLLER_DEFAULTS if key in options}
+    if backward:
+        for key, value in control.items():
+            if _number(value) != _CONTROLLER_DEFAULTS[key]:
+                raise InvalidInputError(
+                    f"{where}[{key!r}]={value!r} is not supported: odegrad's backward "
+                    f"(adjoint) solve has no {key} setting and uses torchdiffeq's default "
+                    f"{key}={_CONTROLLER_DEFAULTS[key]}; adjoint_options default to options, "
+                    f"so pass adjoint_options without {key} (the forward solve honours it)"
+                )
+        control = {}
     if "dtype" in options:
         dtype = options["dtype"]
         real = y0.abs().dtype if y0.is_complex() else y0.dtype
@@ -81,6 +90,7 @@ def _check_controller(options, y0, where):
                 f"{torch.promote_types(dtype, real) if isinstance(dtype, torch.dtype) else dtype}:"
                 " odegrad keeps step times in float64 (torchdiffeq's default dtype)"
             )
+    return control
 
 
 def _number(value):

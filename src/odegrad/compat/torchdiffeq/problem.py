@@ -12,7 +12,7 @@ from ...errors import InvalidInputError, MaxStepsExceededError
 from ...loop import fixed_step_count
 from ...solvers import SOLVERS
 from . import scipy_solver
-from .methods import resolve
+from .methods import adams_method, resolve
 from .options import (
     MAX_NUM_STEPS,
     _boundaries,
@@ -82,7 +82,7 @@ class _Problem:
                 )
         self.adaptive = self.family == "adaptive"
         self.adjoint_step, self.adjoint_grid = None, None
-        self.boundaries, self.perturb = {}, False
+        self.boundaries, self.perturb, self.control = {}, False, {}
         if self.family == "scipy":  # solve_ivp's keywords (scipy_solver.py)
             self.scipy, self.norm = scipy_solver.settings(self.options, "options"), None
             self.max_num_steps = MAX_NUM_STEPS
@@ -90,12 +90,21 @@ class _Problem:
             self._read_adaptive_options()
         else:
             self._read_fixed_options()
+        self.method_options = {}
+        if self.family == "adams":
+            self.og_method, self.method_options = adams_method(self.name, self.options)
+            if self.perturb:
+                raise InvalidInputError(
+                    f"options['perturb']=True with method {self.name!r}: the shim perturbs f's "
+                    "time by restarting the solve at every grid point, which would restart the "
+                    "Adams history; use perturb with a one-step method (euler, rk4, ...)"
+                )
 
     # -- options ---------------------------------------------------------------------------
 
     def _read_adaptive_options(self):
         options = self.options
-        _check_controller(options, self.y0, "options")
+        self.control = _check_controller(options, self.y0, "options")
         norm = options.get("norm")
         if norm is not None and not callable(norm):
             raise InvalidInputError(
@@ -153,7 +162,7 @@ class _Problem:
     def _call(self, f, y, ts, first=True, one_backward_step=False, hooks=True, **kwargs):
         """One odegrad solve over the times ts (a 1-D tensor), from y. A fixed-step backward
         solve takes adjoint_options' step_size, else one step between consecutive times."""
-        options = dict(self.extra)
+        options = dict(self.extra, **self.method_options)
         if self.gradient == "backsolve" and not self.adaptive_adjoint() and (
                 one_backward_step or "adjoint_step_size" not in options):
             options["adjoint_step_size"] = _longest(ts)
@@ -161,6 +170,8 @@ class _Problem:
             options["norm"] = self.norm
         if self.adaptive and first and self.first_step is not None:
             options["first_step"] = self.first_step
+        if self.adaptive:
+            options.update(self.control)
         if hooks and self.callbacks:
             options.update(self._hooks(ts))
         options.update(kwargs)
@@ -191,6 +202,12 @@ class _Problem:
         return SOLVERS[method]().adaptive
 
     def _solve_adaptive(self):
+        if self.max_num_steps == MAX_NUM_STEPS and self.boundaries:
+            # odegrad's own step_t / jump_t: steps land on them (f one ulp inside at a jump)
+            kinds = {"step_t": [v for v, jump in self.boundaries.items() if not jump],
+                     "jump_t": [v for v, jump in self.boundaries.items() if jump]}
+            return self._call(self.func, self.y0, self.t_y,
+                              **{k: v for k, v in kinds.items() if v})
         cuts = dict(self.boundaries)  # time -> is a jump (f perturbed on either side)
         if self.max_num_steps != MAX_NUM_STEPS:
             # torchdiffeq counts max_num_steps per output interval: solve interval by interval.

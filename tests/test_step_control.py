@@ -1,0 +1,246 @@
+"""Adaptive step control options (min_step, max_step, safety, ifactor, dfactor) and the times
+where steps must end (step_t, jump_t): each changes the step sequence as documented, bad values
+raise, and every gradient method replays the steps (exact ones equal direct to 1e-10)."""
+
+import math
+
+import pytest
+import torch
+
+import odegrad
+from odegrad.errors import InvalidInputError, UnsupportedCombinationError
+
+DT = torch.float64
+T = torch.tensor([0.0, 0.7, 1.9, 3.0], dtype=DT)
+
+
+class Field(torch.nn.Module):
+    """f(t, y) = W2 tanh(W1 y + b sin 3t) − 0.4 y: smooth, t-dependent."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(5)
+        self.w1 = torch.nn.Parameter(0.8 * torch.randn(4, 2, generator=g, dtype=DT))
+        self.b = torch.nn.Parameter(torch.randn(4, generator=g, dtype=DT))
+        self.w2 = torch.nn.Parameter(0.8 * torch.randn(2, 4, generator=g, dtype=DT))
+
+    def forward(self, t, y):
+        return torch.tanh(y @ self.w1.T + torch.sin(3 * t) * self.b) @ self.w2.T - 0.4 * y
+
+
+Y0 = torch.tensor([[0.5, -0.4], [0.1, 0.8]], dtype=DT)
+
+
+def steps_of(**options):
+    """(accepted (t_n, h_n), attempted h, rejected h, stats) of a dopri5 solve of Field."""
+    accepted, attempted, rejected = [], [], []
+    sol = odegrad.solve(
+        Field(), Y0, T, rtol=1e-7, atol=1e-7,
+        on_accept=lambda t, y, h: accepted.append((float(t), float(h))),
+        on_attempt=lambda t, y, h: attempted.append(float(h)),
+        on_reject=lambda t, y, h: rejected.append(float(h)),
+        **options,
+    )
+    return accepted, attempted, rejected, sol
+
+
+def test_max_step_bounds_every_attempt():
+    free, _, _, sol_free = steps_of()
+    bounded, attempted, _, sol = steps_of(max_step=0.05)
+    assert max(abs(h) for _, h in free) > 0.05  # the bound binds
+    assert max(abs(h) for h in attempted) <= 0.05
+    assert sol.stats["n_accepted"] >= math.ceil(3.0 / 0.05)
+    assert sol.stats["n_accepted"] > sol_free.stats["n_accepted"]
+    assert torch.allclose(sol.ys, sol_free.ys, atol=1e-5)
+
+
+def test_min_step_forces_acceptance():
+    # A first step far too large, then min_step: it is accepted whatever its error.
+    _, _, rejected, _ = steps_of(step_size=1.0)
+    assert rejected  # without min_step the large step is rejected
+    accepted, attempted, rejected, sol = steps_of(step_size=1.0, min_step=1.0)
+    assert not rejected and sol.stats["n_rejected"] == 0
+    assert accepted[0][1] == 1.0
+    # a step longer than min_step is still rejected, and retried at min_step
+    _, attempted, rejected, _ = steps_of(step_size=2.0, min_step=1.0)
+    assert rejected == [2.0] and attempted[:2] == [2.0, 1.0]
+    accepted, attempted, rejected, sol = steps_of(step_size=1.0, min_step=1.0)
+    # every attempt is at least min_step long, but for the ones clipped to land on t[-1]
+    assert all(abs(h) >= 1.0 for _, h in accepted[:-1])
+    assert sol.stats["n_accepted"] <= 3
+    exact = odegrad.solve(Field(), Y0, T, rtol=1e-10, atol=1e-10).ys
+    assert (sol.ys - exact).abs().max() > 1e-5  # accepted steps with an error above tolerance
+    # the last step, clipped to land on t[-1], rounds to just above min_step: still accepted
+    sol = odegrad.solve(Field(), Y0, T, rtol=1e-10, atol=1e-10, step_size=1e-3, min_step=0.3,
+                        max_steps=20)
+    assert sol.stats["n_rejected"] == 0 and sol.stats["n_accepted"] == 10
+
+
+def test_safety_ifactor_dfactor_change_the_steps_as_documented():
+    _, _, _, base = steps_of()
+    _, _, _, careful = steps_of(safety=0.5)
+    assert careful.stats["n_accepted"] > base.stats["n_accepted"]
+
+    # ifactor: each accepted step at most ifactor times the one before (from a tiny first step)
+    slow, _, _, slow_sol = steps_of(step_size=1e-6, ifactor=1.5)
+    _, _, _, fast_sol = steps_of(step_size=1e-6)
+    hs = [abs(h) for _, h in slow]
+    assert all(b <= 1.5 * a * (1 + 1e-12) for a, b in zip(hs[:-2], hs[1:-1]))
+    assert slow_sol.stats["n_accepted"] > fast_sol.stats["n_accepted"]
+
+    # dfactor: a rejected step shrinks by at most dfactor, so from a huge first step a larger
+    # dfactor needs more rejections
+    _, attempted, rejected, gentle = steps_of(step_size=50.0, dfactor=0.7)
+    _, _, _, steep = steps_of(step_size=50.0)
+    for h_rejected in rejected:
+        retry = attempted[attempted.index(h_rejected) + 1]
+        assert abs(retry) >= 0.7 * abs(h_rejected) * (1 - 1e-12)
+    assert gentle.stats["n_rejected"] > steep.stats["n_rejected"]
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"min_step": -1.0}, "min_step"),
+    ({"max_step": 0.0}, "max_step"),
+    ({"min_step": 2.0, "max_step": 1.0}, "exceeds max_step"),
+    ({"safety": 0.0}, "safety"),
+    ({"safety": 1.5}, "safety"),
+    ({"ifactor": 1.0}, "ifactor"),
+    ({"dfactor": 1.0}, "dfactor"),
+    ({"dfactor": "x"}, "dfactor"),
+    ({"step_t": torch.tensor([0.5], dtype=DT, requires_grad=True)}, "step_t"),
+    ({"jump_t": [0.5, 0.5]}, "jump_t"),
+    ({"step_t": [0.5], "jump_t": [0.5]}, "share values"),
+    ({"step_t": [float("nan")]}, "step_t"),
+])
+def test_bad_values_raise(options, message):
+    with pytest.raises(InvalidInputError, match=message):
+        odegrad.solve(Field(), Y0, T, **options)
+
+
+def test_controller_options_refused_for_fixed_steps():
+    with pytest.raises(UnsupportedCombinationError, match="max_step"):
+        odegrad.solve(Field(), Y0, T, method="rk4", step_size=0.1, max_step=0.05)
+    with pytest.raises(UnsupportedCombinationError, match="adaptive=False"):
+        odegrad.solve(Field(), Y0, T, step_size=0.1, adaptive=False, safety=0.5)
+    odegrad.solve(Field(), Y0, T, method="rk4", step_size=0.1, max_step=math.inf)  # default
+    with pytest.raises(UnsupportedCombinationError, match="event_fn"):
+        odegrad.solve(Field(), Y0, T[[0, -1]], step_t=[0.5], event_fn=lambda t, y: y[0, 0])
+
+
+def test_step_t_steps_land_on_each_time():
+    marks = [0.33, 1.234, 2.5]
+    accepted, _, _, sol = steps_of(step_t=torch.tensor(marks + [7.0], dtype=DT))  # 7: outside
+    free, _, _, sol_free = steps_of()
+    ends = [t + h for t, h in accepted]
+    for mark in marks:
+        assert min(abs(e - mark) for e in ends) < 1e-14
+        assert not any(t < mark - 1e-14 and t + h > mark + 1e-14 for t, h in accepted)
+    assert any(t < mark < t + h for t, h in free for mark in marks)  # they do change the steps
+    assert sol.ys.shape == sol_free.ys.shape
+    assert torch.allclose(sol.ys, sol_free.ys, atol=1e-5)
+
+
+def test_step_t_with_fixed_steps_restarts_the_grid():
+    """rk4 with step 0.3 and step_t at 1.0: the same as two solves [0, 1] and [1, 3]."""
+    f = Field()
+    sol = odegrad.solve(f, Y0, T, method="rk4", step_size=0.3, step_t=[1.0])
+    with torch.no_grad():
+        first = odegrad.solve(f, Y0, torch.tensor([0.0, 0.7, 1.0], dtype=DT), method="rk4",
+                              step_size=0.3).ys
+        second = odegrad.solve(f, first[-1], torch.tensor([1.0, 1.9, 3.0], dtype=DT),
+                               method="rk4", step_size=0.3).ys
+    assert torch.allclose(sol.ys, torch.cat([first[:2], second[1:]]), atol=1e-14, rtol=0)
+    assert sol.stats["n_accepted"] == 4 + 7
+
+
+class Switched(torch.nn.Module):
+    """y' = −k(t) y, k = k1 before TAU and k2 after: y(t) = y0 exp(−k1 TAU − k2 (t − TAU))."""
+
+    TAU = 1.3
+
+    def __init__(self):
+        super().__init__()
+        self.k1 = torch.nn.Parameter(torch.tensor(0.7, dtype=DT))
+        self.k2 = torch.nn.Parameter(torch.tensor(2.0, dtype=DT))
+        self.times: list[float] = []
+
+    def forward(self, t, y):
+        self.times.append(float(t))
+        return -torch.where(t < self.TAU, self.k1, self.k2) * y
+
+
+def test_jump_t_keeps_the_discontinuity_out_of_every_step():
+    f = Switched()
+    y0 = torch.tensor([1.0, 2.0], dtype=DT)
+    t = torch.tensor([0.0, 1.0, 2.0], dtype=DT)
+    accepted, rejected = [], []
+    sol = odegrad.solve(f, y0, t, rtol=1e-9, atol=1e-12, jump_t=[f.TAU],
+                        on_accept=lambda t, y, h: accepted.append((float(t), float(h))),
+                        on_reject=lambda t, y, h: rejected.append(float(h)))
+    exact = y0 * math.exp(-0.7 * f.TAU - 2.0 * (2.0 - f.TAU))
+    assert (sol.ys[-1] - exact).abs().max() < 1e-8
+    assert f.TAU not in f.times  # evaluated one ulp inside, on either side
+    assert math.nextafter(f.TAU, 0) in f.times and math.nextafter(f.TAU, 2) in f.times
+    assert not any(t < f.TAU < t + h for t, h in accepted)
+    with_jump = sol.stats["n_steps"]
+    without = odegrad.solve(Switched(), y0, t, rtol=1e-9, atol=1e-12).stats
+    assert without["n_rejected"] > len(rejected)  # the jump inside steps costs rejections
+    assert without["n_steps"] > with_jump
+
+
+# Every gradient method through the options: exact ones replay the recorded steps.
+METHOD_FOR = {"reversible": "reversible_dopri5"}
+OPTIONS = {
+    "controller": {"max_step": 0.4, "safety": 0.8, "ifactor": 3.0, "dfactor": 0.3},
+    "min_step": {"min_step": 0.2},
+    "step_t": {"step_t": [0.5, 1.9, 2.2]},
+    "jump_t": {"jump_t": [1.1, 2.6], "step_t": [0.5]},
+}
+
+
+def gradient_of(gradient, options, time=False, checkpoints=None, method=None):
+    f = Field()
+    y0 = Y0.clone().requires_grad_()
+    t = T.clone().requires_grad_(time)
+    extra = {} if checkpoints is None else {"checkpoints": checkpoints}
+    method = method or METHOD_FOR.get(gradient, "dopri5")
+    sol = odegrad.solve(f, y0, t, method=method, rtol=1e-6,
+                        atol=1e-6, step_size=0.9, gradient=gradient, **extra, **options)
+    loss = sol.ys[1:].pow(2).sum() + sol.ys[-1, :, 0].sin().sum()
+    inputs = [y0, *f.parameters()] + ([t] if time else [])
+    return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, inputs)]), sol
+
+
+def rel(a, b):
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.mark.parametrize("name", list(OPTIONS))
+@pytest.mark.parametrize("gradient, checkpoints", [
+    ("discrete", "all"), ("discrete", 2), ("reversible", None)])
+def test_exact_gradients_equal_direct(name, gradient, checkpoints):
+    time = gradient == "discrete"  # and the gradient w.r.t. the output times
+    got, sol = gradient_of(gradient, OPTIONS[name], time=time, checkpoints=checkpoints)
+    want, _ = gradient_of("direct", OPTIONS[name], time=time, method=sol.stats["method"])
+    assert rel(got, want) < 1e-10
+
+
+@pytest.mark.parametrize("name", ["controller", "jump_t"])
+@pytest.mark.parametrize("gradient", ["backsolve", "interpolated"])
+def test_continuous_adjoints_agree_to_tolerance(name, gradient):
+    got, _ = gradient_of(gradient, OPTIONS[name])
+    want, _ = gradient_of("direct", OPTIONS[name])
+    assert rel(got, want) < 1e-3
+
+
+def test_jump_t_gradient_against_the_closed_form():
+    f = Switched()
+    y0 = torch.tensor([1.0, 2.0], dtype=DT, requires_grad=True)
+    t = torch.tensor([0.0, 2.0], dtype=DT)
+    for gradient in ("direct", "discrete", "backsolve"):
+        sol = odegrad.solve(f, y0, t, rtol=1e-10, atol=1e-12, jump_t=[f.TAU], gradient=gradient)
+        g = torch.autograd.grad(sol.ys[-1].sum(), [y0, f.k1, f.k2])
+        decay = math.exp(-0.7 * f.TAU - 2.0 * 0.7)
+        assert abs(float(g[0][0]) - decay) < 1e-8
+        assert abs(float(g[1]) - (-f.TAU * 3 * decay)) < 1e-7
+        assert abs(float(g[2]) - (-0.7 * 3 * decay)) < 1e-7
