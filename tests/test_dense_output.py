@@ -50,6 +50,9 @@ DENSE_ORDER = {
     "kvaerno5": 3,
     "alf": 2,  # the leapfrog's quadratic
     "reversible_heun": 2,  # Heun's quadratic
+    # ∫ of the Lagrange polynomial through the stored f values; the start-up steps use rk4_38's
+    "adams_bashforth": 3,
+    "adams_bashforth_moulton": 3,
 }
 for _name in odegrad.METHODS:  # reversible Runge–Kutta: the base's b_i(θ) on z_n
     if _name.startswith("reversible_") and _name not in DENSE_ORDER:
