@@ -7,6 +7,7 @@ import torch
 
 import odegrad
 from odegrad import BrownianInterval, sdeint
+from odegrad.gradients.stochastic_adjoint import adjoint_schemes
 
 DT = torch.float64
 PATHS = 100
@@ -115,3 +116,99 @@ def test_a_tensor_missing_from_params_is_refused():
     scale = torch.tensor(0.1, dtype=DT, requires_grad=True)
     with pytest.raises(odegrad.InvalidInputError, match="g depends on"):
         solve(g=lambda t, y: scale * y, gradient="discrete", params=[])
+
+
+# ---- the backward grid: float32 times, outputs off the step grid --------------------------
+
+
+class GridBrownian:
+    """One Brownian path known only on the grid k·dt (float64 increments cast to `dtype`): a
+    query anywhere else raises, so a solve that reads it queries exactly the step grid."""
+
+    def __init__(self, shape, dt, steps, dtype, seed=3):
+        gen = torch.Generator().manual_seed(seed)
+        increments = torch.randn(steps, *shape, generator=gen, dtype=DT) * dt ** 0.5
+        self.w = torch.cat([torch.zeros(1, *shape, dtype=DT), increments.cumsum(0)])
+        self.dt, self.t0, self.t1 = dt, 0.0, steps * dt
+        self.shape, self.dtype, self.device = torch.Size(shape), dtype, torch.device("cpu")
+        self.queries = []
+
+    def __call__(self, ta, tb):
+        self.queries.append((ta, tb))
+        return (self.w[self.index(tb)] - self.w[self.index(ta)]).to(self.dtype)
+
+    def index(self, t):
+        k = round(t / self.dt)
+        if abs(t - k * self.dt) > 1e-12:
+            raise AssertionError(f"Brownian query at t={t!r}, off the step grid")
+        return k
+
+
+def grid_gradient(method, dtype, dt=0.01, gradient="backsolve", t=None):
+    t = torch.linspace(0, 1, 11, dtype=dtype) if t is None else t.to(dtype)
+    steps = round(1 / dt)
+    gen = torch.Generator().manual_seed(0)
+    y0 = (1 + 0.3 * torch.randn(4, 2, generator=gen, dtype=DT)).to(dtype).requires_grad_()
+    theta = torch.tensor([0.4, 0.8], dtype=dtype, requires_grad=True)
+    bm = GridBrownian((4, 2), dt, steps, dtype)
+    ys = sdeint(lambda s, y: -theta[0] * torch.sin(y), lambda s, y: theta[1] * torch.tanh(y),
+                y0, t, bm, method=method, dt=dt, gradient=gradient, params=[theta])
+    grads = torch.autograd.grad(ys.pow(2).sum(), [y0, theta])
+    return flat(grads).double(), bm
+
+
+@pytest.mark.parametrize("method", adjoint_schemes())
+def test_backsolve_float32_times_off_binary_fractions(method):
+    """Regression: float32 t = linspace(0, 1, 11) (0.1 is not a binary fraction) made the
+    backward grid land one ulp below t0 ("outside the Brownian interval"). The forward and
+    backward queries must be exactly the step grid k·dt; the float32 gradient then matches the
+    float64 one on the same path to float32 round-off."""
+    got, bm = grid_gradient(method, torch.float32)
+    want, _ = grid_gradient(method, DT)
+    assert rel_max(got, want) < 1e-4
+    assert len(bm.queries) == 2 * 100  # 100 forward steps, 100 backward steps
+
+
+def test_float32_forward_with_1000_steps_queries_the_grid():
+    """Regression (sde_field.StepGrid): float32 step times t[0] + k·dt are rounded by more than
+    1e-6·dt, so the snapping tolerance takes the dtype's resolution into account (before: 40 of
+    100 steps at dt=0.01 queried W off the grid, and dt=0.001 failed at t=1)."""
+    for dt in (0.01, 0.001):
+        _, bm = grid_gradient("heun", torch.float32, dt=dt, gradient="direct")
+        assert len(bm.queries) == round(1 / dt)
+
+
+def test_backsolve_with_outputs_inside_steps():
+    """Outputs strictly inside a forward step (0.23 with dt = 0.1 … 0.0125): the backward solve
+    queries the forward's step grid plus the output times themselves (points of the same
+    Brownian path), and backsolve still approaches direct as dt shrinks."""
+    t = torch.tensor([0.0, 0.23, 1.0], dtype=DT)
+    seen = []
+
+    class Recording(BrownianInterval):
+        def __call__(self, ta, tb=None):
+            seen.append((ta, tb))
+            return super().__call__(ta, tb)
+
+    mu = torch.tensor(0.3, dtype=DT, requires_grad=True)
+    sigma = torch.tensor(0.6, dtype=DT, requires_grad=True)
+    y0 = torch.linspace(0.5, 1.5, PATHS, dtype=DT)[:, None].requires_grad_()
+
+    def grads(dt, gradient):
+        bm = Recording(0.0, 1.0, (PATHS, 1), dtype=DT, seed=7)
+        ys = sdeint(lambda s, y: mu * y, lambda s, y: sigma * y, y0, t, bm, method="midpoint",
+                    dt=dt, gradient=gradient, params=[mu, sigma])
+        return flat(torch.autograd.grad(ys[-1].sum() + ys[1].pow(2).sum(), [y0, mu, sigma]))
+
+    gaps = []
+    for dt in (0.1, 0.025, 0.00625):
+        seen.clear()
+        backsolve = grads(dt, "backsolve")
+        grid = {k * dt for k in range(round(1 / dt))} | {1.0}
+        assert {x for q in seen for x in q} <= grid | {0.23}
+        gaps.append(rel_max(backsolve, grads(dt, "direct")))
+    assert gaps[1] < 0.5 * gaps[0] and gaps[2] < 0.5 * gaps[1], gaps
+
+
+def rel_max(a, b):
+    return float((a - b).abs().max() / b.abs().max())

@@ -31,12 +31,28 @@ class StepGrid:
     """The step boundaries of a fixed-step solve, as host floats: a Brownian query at a time
     within round-off of a boundary is read at the boundary itself, so the end of step n and the
     start of step n + 1 (computed by different float operations) query W at the same point and
-    the increments of consecutive steps add up exactly."""
+    the increments of consecutive steps add up exactly.
 
-    def __init__(self, points: Sequence[float]):
+    `resolution`: the round-off of the step times in the solve's dtype (`for_dtype`); the
+    tolerance is max(1e-6 × the largest span, resolution), at most a quarter of the smallest
+    span above 2 × resolution (spans below it are not resolved by the times anyway)."""
+
+    def __init__(self, points: Sequence[float], resolution: float = 0.0):
         self.points = sorted(set(float(p) for p in points))
+        self.resolution = float(resolution)
         spans = [b - a for a, b in zip(self.points, self.points[1:])]
-        self.tolerance = min(1e-6 * max(spans), 0.25 * min(spans)) if spans else 0.0
+        resolved = [s for s in spans if s > 2 * self.resolution] or spans
+        self.tolerance = (min(max(1e-6 * max(spans), self.resolution), 0.25 * min(resolved))
+                          if spans else self.resolution)
+
+    def for_dtype(self, dtype: torch.dtype) -> StepGrid:
+        """This grid with the resolution of times in `dtype`: t_n = t[a] + offset rounds twice
+        in the dtype (the offset, then the sum), so |error| ≤ 4 eps max|t|."""
+        if not self.points:
+            return self
+        scale = max(abs(self.points[0]), abs(self.points[-1]))
+        resolution = 4 * torch.finfo(dtype).eps * scale
+        return StepGrid(self.points, max(self.resolution, resolution))
 
     def snap(self, time: float) -> float:
         """The nearest boundary if it lies within the tolerance, else `time` itself."""
@@ -89,7 +105,7 @@ class SDEField:
         self.noise_type = noise_type
         self.bm = bm
         self.stats = stats
-        self.grid = grid
+        self.grid = None if grid is None else grid.for_dtype(y0.dtype)
         self.drift_correction = drift_correction
         self._y_shape, self._dtype, self._device = y0.shape, y0.dtype, y0.device
         self._checked_f = self._checked_g = False

@@ -6,10 +6,15 @@ For a Stratonovich SDE dy = f dt + g ∘ dW the adjoint a = ∂L/∂y(t) and the
     dy = f dt + g ∘ dW,  da = −a^T ∂_y f dt − a^T ∂_y g ∘ dW,  dμ = −a^T ∂_θ f dt − a^T ∂_θ g ∘ dW,
 
 an SDE in Z = (y, a, μ) with the same m noise channels. The forward solve keeps only the
-outputs; the backward pass integrates Z from t[-1] to t[0] with fixed steps dt (the forward's
-scheme unless `adjoint_method=`), interval by interval: at each output time y is reset to the
-stored output and ∂L/∂y(t_i) is added to a. The Brownian motion is queried backwards: a step
-from t to t + h with h < 0 reads W(t + h) − W(t), the exact negative of a forward increment.
+outputs; the backward pass integrates Z from t[-1] to t[0] (the forward's scheme unless
+`adjoint_method=`), interval by interval: at each output time y is reset to the stored output
+and ∂L/∂y(t_i) is added to a. Its steps are the forward's steps backwards (`backward_grid`):
+an output time within round-off of a step boundary (float32 t = linspace(0, 1, 11)) is read
+as that boundary, so every Brownian query is a forward one, W(t + h) − W(t) with h < 0 the
+exact negative of a forward increment. An output strictly inside a forward step (read there
+by linear interpolation) splits that step in two at t_i, where W is read on the same path
+(the only query the forward did not make); the gradient still converges to direct's as dt
+shrinks (tests/test_sde_adjoint.py).
 
 The Stratonovich schemes use g only through g(t, y)·ΔW, and the augmented diffusion times an
 increment is (g·ΔW, −∂_y(g·ΔW)^T a, −∂_θ(g·ΔW)^T a): one g evaluation and one VJP, whatever the
@@ -21,14 +26,14 @@ converted already, and is served).
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from ..errors import OdegradError, UnsupportedCombinationError
-from ..loop import integrate
+from ..errors import NonFiniteError, UnsupportedCombinationError
 from ..problem import Problem, backward_phase
 from ..sde_field import StepGrid, apply_noise, fixed_grid
 from ..solvers.sde import SDE_SOLVERS, SDESolver, make_sde_solver
@@ -166,31 +171,55 @@ def _vjp(out: Tensor, inputs: Sequence[Tensor], cotangent: Tensor, retain: bool)
                                     allow_unused=True, materialize_grads=True))
 
 
+def backward_grid(problem: Problem) -> tuple[StepGrid, list[list[float]]]:
+    """The Brownian grid of the backward solve and its steps, output interval by interval (from
+    t[i] back to t[i-1], i = N−1 … 1): the forward's step boundaries inside each interval,
+    with each output time snapped to the forward grid when within its round-off tolerance
+    (then every query is a forward point; an output strictly inside a forward step adds its
+    own time, where W is read on the same path)."""
+    times = [float(v) for v in problem.t.detach().cpu().tolist()]
+    forward = getattr(problem.f, "grid", None)
+    if forward is None:
+        forward = StepGrid(fixed_grid(times, problem.step_size)).for_dtype(problem.y0.dtype)
+    ends = [forward.snap(x) for x in times]
+    points = forward.points
+    intervals = []
+    for i in range(len(times) - 1, 0, -1):
+        a, b = ends[i], ends[i - 1]
+        lo, hi = min(a, b), max(a, b)
+        inside = points[bisect.bisect_right(points, lo):bisect.bisect_left(points, hi)]
+        inside = [p for p in inside if p - lo > forward.tolerance and hi - p > forward.tolerance]
+        intervals.append([a, *(reversed(inside) if a > b else inside), b])
+    grid = StepGrid([*points, *ends], forward.resolution)
+    grid.tolerance = min(grid.tolerance, forward.tolerance)
+    return grid, intervals
+
+
 def sweep(problem: Problem, solver: SDESolver, ys: Tensor, grad_ys: Tensor):
-    """Integrate Z = (y, a, μ) from t[-1] back to t[0]; returns a(t_0⁺) and μ."""
-    t = problem.t.detach()
-    times = [float(v) for v in t.cpu().tolist()]
-    dt = problem.step_size
-    points = [p for i in range(len(times) - 1, 0, -1)
-              for p in fixed_grid([times[i], times[i - 1]], dt)]
+    """Integrate Z = (y, a, μ) from t[-1] back to t[0] through the steps of `backward_grid`;
+    returns a(t_0⁺) and μ."""
+    grid, intervals = backward_grid(problem)
     layout = Layout(problem.y0.shape, 2, problem.params)
-    field = AugmentedSDEField(problem, layout, StepGrid(points))
+    field = AugmentedSDEField(problem, layout, grid)
     a = grad_ys[-1]
     mu = [torch.zeros_like(p) for p in problem.params]
-    for i in range(len(times) - 1, 0, -1):
-        local: dict = {}
-        try:
-            outputs, _ = integrate(
-                field, layout.pack([ys[i], a, *mu]), torch.stack([t[i], t[i - 1]]), solver,
-                step_size=dt, adaptive=False, max_steps=problem.max_steps + len(times), stats=local,
+    like = problem.y0
+    for i, points in zip(range(len(ys) - 1, 0, -1), intervals):
+        times = torch.tensor(points, dtype=like.dtype, device=like.device)
+        state = solver.initial_state(layout.pack([ys[i], a, *mu]))
+        carry = solver.init(field, times[0], state)
+        for k in range(len(points) - 1):
+            step = solver.step(field, times[k], points[k + 1] - points[k], state, carry)
+            state, carry = step.y, step.carry
+        z = solver.observe(state)
+        problem.stats["n_steps_backward"] += len(points) - 1
+        if not bool(torch.isfinite(z).all()):
+            raise NonFiniteError(
+                f"in the backward (stochastic adjoint) solve from t={points[0]:.10g} to "
+                f"t={points[-1]:.10g}: the adjoint state became non-finite (inf or nan); take "
+                "a smaller dt"
             )
-        except OdegradError as error:
-            raise type(error)(
-                f"in the backward (stochastic adjoint) solve from t={times[i]:.10g} to "
-                f"t={times[i - 1]:.10g}: {error}"
-            ) from error
-        problem.stats["n_steps_backward"] += local["n_steps"]
-        parts = layout.unpack(outputs[-1])
+        parts = layout.unpack(z)
         a, mu = parts[1], list(parts[2:])
         if i > 1:
             a = a + grad_ys[i - 1]

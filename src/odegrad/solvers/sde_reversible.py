@@ -59,7 +59,7 @@ class ReversibleHeunSDE(_ReversibleSDESolver):
 
     One f and one g evaluation per step (the carry is (f, g) at (t_n, z_n)); its inverse
     (`inverse_step`) evaluates them at z_{n+1} and z_n. Stratonovich; strong order 1 on
-    additive noise, ½ in general.
+    additive noise, ½ in general. Backward (`reverse`): one VJP through f and g per step.
     """
 
     name = "reversible_heun"
@@ -74,9 +74,9 @@ class ReversibleHeunSDE(_ReversibleSDESolver):
         f0, g0 = carry if carry is not None else self.init(field, t, state)
         dw = field.noise(t, h)
         noise0 = field.apply(g0, dw)
-        z1 = 2 * y - z + f0 * h + noise0
+        z1 = _combine(noise0, h, f0, (2.0, y), (-1.0, z))
         f1, g1 = field(t + h, z1), field.diffusion(t + h, z1)
-        y1 = y + 0.5 * ((f0 + f1) * h + noise0 + field.apply(g1, dw))
+        y1 = _combine(y, 0.5 * h, f0, (0.5, noise0), (0.5, field.apply(g1, dw)), extra=f1)
         state_next = torch.stack([y1, z1])
         return Step(y=state_next, error=None, dense=state_next, carry=(f1, g1),
                     retry_carry=(f0, g0))
@@ -94,48 +94,70 @@ class ReversibleHeunSDE(_ReversibleSDESolver):
             return torch.stack([y1 - 0.5 * ((f0 + f1) * h + noise0 + noise1), z])
 
     def reverse(self, field, t, h, state_next, adjoint, outputs, local: LocalAdjoint, back):
-        """`back` = (z_{n+1} leaf, f and g there with their graphs, their pending cotangents
-        from step n + 1): the evaluation at z_{n+1} serves steps n and n + 1, so it gets one
-        VJP, here."""
+        """One VJP per step, through f and g at z_{n+1} (evaluated, with a graph, when step
+        n + 1 was reconstructed: `back` = (z_{n+1} leaf, f, g there, c_{n+1}, ΔW_{n+1},
+        h_{n+1})). The update is linear in (y_n, z_n, f_n, g_n ΔW), so its VJP is closed form:
+        with c = z̄_{n+1} + ½ȳ_{n+1}, ȳ_n = ȳ_{n+1} + 2z̄_{n+1}, z̄_n = −z̄_{n+1} (+ the VJP at z_n,
+        next call), f̄_n = h c and c on g_n ΔW_n. (h is a float: SDE times are not
+        differentiated.)"""
         y1, z1 = state_next[0], state_next[1]
         y1_bar, z1_bar = adjoint[0], adjoint[1]
-        at_end, at_start = _split_outputs(outputs, y1)
-        y1_bar = y1_bar + at_end
+        if outputs:
+            at_end, at_start = _split_outputs(outputs, y1)
+            y1_bar = y1_bar + at_end
+        hv = float(_value(h))
         dw = field.noise(t, h)
         if back is None:
             z1_leaf = z1.detach().requires_grad_()
-            back = (z1_leaf, field(t + h, z1_leaf), field.diffusion(t + h, z1_leaf), None, None)
-        z1_leaf, f1, g1, f1_bar, g1_bar = back
-        # f_{n+1}, g_{n+1} enter y_{n+1} with weight ½ and step n + 1 through its carry.
-        outs, cots = [0.5 * (f1 * h + field.apply(g1, dw))], [y1_bar]
-        if f1_bar is not None:
-            outs += [f1, g1]
-            cots += [f1_bar, g1_bar]
+            f1, g1 = field(t + h, z1_leaf), field.diffusion(t + h, z1_leaf)
+            outs, cots = [f1, field.apply(g1, dw)], [y1_bar * (0.5 * hv), 0.5 * y1_bar]
+        else:
+            # f_{n+1}, g_{n+1}: weight ½ in y_{n+1}, and what step n + 1 left pending (c).
+            z1_leaf, f1, g1, c1, dw1, h1 = back
+            outs = [f1, field.apply(g1, dw), field.apply(g1, dw1)]
+            cots = [torch.add(c1 * h1, y1_bar, alpha=0.5 * hv), 0.5 * y1_bar, c1]
         (dz1,) = local.vjp(outs, [z1_leaf], cots)
         z1_bar = z1_bar + dz1
         # Reconstruct (y_n, z_n), evaluating f, g at (t_n, z_n) with a graph for the next call.
         f1, g1 = f1.detach(), g1.detach()
         noise1 = field.apply(g1, dw)
-        z0 = (2 * y1 - z1 - f1 * h - noise1).detach().requires_grad_()
+        z0 = _combine(noise1, hv, f1, (-2.0, y1), (1.0, z1)).neg_().requires_grad_()
         f0, g0 = field(t, z0), field.diffusion(t, z0)
-        y0 = y1 - 0.5 * ((f0.detach() + f1) * h + field.apply(g0.detach(), dw) + noise1)
-        y0 = y0.detach().requires_grad_()
-        f0_leaf, g0_leaf = f0.detach().requires_grad_(), g0.detach().requires_grad_()
-        noise0 = field.apply(g0_leaf, dw)
-        replayed = [2 * y0 - z0 + f0_leaf * h + noise0,
-                    y0 + 0.5 * ((f0_leaf + f1) * h + noise0 + noise1)]
-        y0_bar, z0_bar, f0_bar, g0_bar = local.vjp(
-            replayed, [y0, z0, f0_leaf, g0_leaf], [z1_bar, y1_bar]
-        )
-        state = torch.stack([y0.detach(), z0.detach()])
-        return state, torch.stack([y0_bar + at_start, z0_bar]), (z0, f0, g0, f0_bar, g0_bar)
+        with torch.no_grad():
+            y0 = _combine(y1, -0.5 * hv, f0, (-0.5, field.apply(g0, dw)), (-0.5, noise1),
+                          extra=f1)
+            c0 = torch.add(z1_bar, y1_bar, alpha=0.5)
+            y0_bar = torch.add(y1_bar, z1_bar, alpha=2.0)
+            if outputs:
+                y0_bar = y0_bar + at_start
+            state = torch.stack([y0, z0.detach()])
+            adjoint = torch.stack([y0_bar, z1_bar.neg()])
+        return state, adjoint, (z0, f0, g0, c0, dw, hv)
 
     def finish(self, field, t0, y0, adjoint, local, back):
         y0_bar = adjoint[0] + adjoint[1]
         if back is not None:
-            z0_leaf, f0, g0, f0_bar, g0_bar = back
-            y0_bar = y0_bar + local.vjp([f0, g0], [z0_leaf], [f0_bar, g0_bar])[0]
+            z0_leaf, f0, g0, c0, dw0, h0 = back
+            outs = [f0, field.apply(g0, dw0)]
+            y0_bar = y0_bar + local.vjp(outs, [z0_leaf], [c0 * h0, c0])[0]
         return y0_bar, self.initial_state(y0)
+
+
+def _combine(base: Tensor, h: Scalar, f: Tensor, *terms: tuple[float, Tensor],
+             extra: Tensor | None = None) -> Tensor:
+    """base + h f (+ h extra) + Σ w x over `terms` (w floats), as one fused add per term
+    when h is a float (a new tensor; differentiable)."""
+    if isinstance(h, Tensor):
+        out = base + h * f if extra is None else base + h * (f + extra)
+        for w, x in terms:
+            out = out + w * x
+        return out
+    out = torch.add(base, f, alpha=h)
+    if extra is not None:
+        out.add_(extra, alpha=h)
+    for w, x in terms:
+        out.add_(x, alpha=w)
+    return out
 
 
 class ReversibleSDE(_ReversibleSDESolver):
@@ -185,22 +207,30 @@ class ReversibleSDE(_ReversibleSDESolver):
 
     def reverse(self, field, t, h, state_next, adjoint, outputs, local: LocalAdjoint, back):
         """§6 backward: through the z-update, then the y-update; outputs inside the step add
-        θḡ to ∂L/∂y_{n+1} and (1 − θ)ḡ to ∂L/∂y_n."""
+        θḡ to ∂L/∂y_{n+1} and (1 − θ)ḡ to ∂L/∂y_n. One VJP per increment Ψ (at y_{n+1}, then
+        at z_n); the coupling's part is closed form: ȳ_n = λȳ_{n+1}, z̄_n = z̄_{n+1} +
+        (1 − λ)ȳ_{n+1} + (∂Ψ_h/∂z_n)^T ȳ_{n+1}."""
         lam = self.coupling
         y1, z1 = state_next[0], state_next[1]
         y1_bar, z1_bar = adjoint[0], adjoint[1]
-        at_end, at_start = _split_outputs(outputs, y1)
         dw = field.noise(t, h)
         y1_leaf = y1.detach().requires_grad_()
         back_increment = self.base.increment(field, t + h, -h, y1_leaf, -dw)
         z0 = (z1 + back_increment.detach()).requires_grad_()
         (dy1,) = local.vjp([back_increment], [y1_leaf], [-z1_bar])
-        y1_bar = y1_bar + at_end + dy1
+        y1_bar = y1_bar + dy1
+        if outputs:
+            at_end, at_start = _split_outputs(outputs, y1)
+            y1_bar = y1_bar + at_end
         psi = self.base.increment(field, t, h, z0, dw)
-        y0 = ((y1 - (1 - lam) * z0.detach() - psi.detach()) / lam).requires_grad_()
-        y0_bar, z0_bar = local.vjp([lam * y0 + (1 - lam) * z0 + psi], [y0, z0], [y1_bar])
-        state = torch.stack([y0.detach(), z0.detach()])
-        return state, torch.stack([y0_bar + at_start, z0_bar + z1_bar]), None
+        (dz0,) = local.vjp([psi], [z0], [y1_bar])
+        with torch.no_grad():
+            y0 = torch.add(y1 - psi, z0, alpha=-(1 - lam)).div_(lam)
+            y0_bar = y1_bar * lam
+            if outputs:
+                y0_bar = y0_bar + at_start
+            z0_bar = torch.add(z1_bar, y1_bar, alpha=1 - lam).add_(dz0)
+            return torch.stack([y0, z0.detach()]), torch.stack([y0_bar, z0_bar]), None
 
 
 def _reversible_heun() -> ReversibleHeunSDE:
