@@ -10,7 +10,9 @@ Steps of `step_size` start again from each knot, the last one before it clipped 
 (torchcde's fixed grid from t[0] would cross the knots). One exception, which keeps a single
 solve (checkpoints and memory of one solve, e.g. the reversible method's, flat in the length):
 a cubic path (C1 or C2, so the side of a knot does not matter) with a fixed-step method and no
-`step_size` takes one step per interval of the union of the output times and the knots. The
+`step_size` takes one step per interval of the union of the output times and the knots (when
+that union is evenly spaced, as fixed steps of the spacing that keep only t's outputs, so the
+memory of the solve does not grow with the number of knots). The
 restarts cost one solve per knot interval: the gradient methods hold their checkpoints per
 segment, the state at each knot is kept for the backward pass, and `max_steps` and an int
 `checkpoints` count per segment.
@@ -160,8 +162,27 @@ def solve_cde(f: Callable, X: Path, z0: Tensor, t: Tensor, *,
     if X.has_derivative_jumps or not one_step_per_interval:
         return _solve_by_pieces(f, X, z0, t, params, solve_kwargs)
     times, requested = _with_knots(t, X)
+    spacing = _uniform_spacing(times)
+    if spacing is not None and len(times) > len(t):
+        # Evenly spaced knots and outputs: fixed steps of that spacing land on every one of
+        # them, and only t's own outputs are kept (memory of one solve flat in the length).
+        solution = solve(ControlledField(f, X, z0.shape), z0, t, params=params,
+                         step_size=spacing, **solve_kwargs)
+        return solution
     solution = solve(ControlledField(f, X, z0.shape), z0, times, params=params, **solve_kwargs)
     return Solution(ts=t, ys=solution.ys[requested], stats=solution.stats)
+
+
+def _uniform_spacing(times: Tensor, rtol: float = 1e-9) -> float | None:
+    """The common gap of `times` if they are evenly spaced (to rtol of the span), else None."""
+    values = times.detach().double().cpu()
+    if len(values) < 3:
+        return None
+    gaps = (values[1:] - values[:-1]).abs()
+    span = float((values[-1] - values[0]).abs())
+    if float(gaps.max() - gaps.min()) > rtol * span:
+        return None
+    return span / (len(values) - 1)
 
 
 def _separate_tensors(X: Path) -> tuple[Path, list[Tensor]]:
