@@ -148,9 +148,11 @@ def test_direct_gradient_equals_lone_direct():
         torch.testing.assert_close(g, e, rtol=0, atol=1e-10, msg=name)
 
 
-def test_host_syncs_at_most_one_per_step(monkeypatch):
+@pytest.mark.parametrize("gradient", ["direct", "discrete"])
+def test_host_syncs_at_most_one_per_step(monkeypatch, gradient):
     """Count the tensor-to-host reads (item, tolist, bool, float, int) during a solve: one per
-    masked step, plus a constant for the input checks."""
+    masked step, plus a constant for the input checks (the discrete adjoint's forward pass
+    records its steps without reading anything more)."""
     y0 = torch.randn(BATCH, 2, dtype=F64)
     t = row_times(BATCH, 8)
     calls = {"n": 0}
@@ -165,7 +167,8 @@ def test_host_syncs_at_most_one_per_step(monkeypatch):
     overheads = []
     for rtol in (1e-4, 1e-8):
         calls["n"] = 0
-        sol = odegrad.solve(batch_field(K), y0, t, per_sample=True, rtol=rtol, atol=1e-10)
+        sol = odegrad.solve(batch_field(K), y0, t, per_sample=True, rtol=rtol, atol=1e-10,
+                            gradient=gradient)
         overheads.append(calls["n"] - sol.stats["n_steps"])
         assert sol.stats["n_steps"] > 10
     assert overheads[0] == overheads[1] and overheads[0] <= 6, overheads
@@ -191,8 +194,12 @@ class _TimeFree(torch.nn.Module):
 
 
 @pytest.mark.parametrize("kwargs, error, match", [
-    (dict(gradient="discrete"), UnsupportedCombinationError, "gradient='direct'"),
-    (dict(gradient="backsolve"), UnsupportedCombinationError, "gradient='direct'"),
+    (dict(gradient="backsolve"), UnsupportedCombinationError, "'direct'.*'discrete'"),
+    (dict(gradient="interpolated"), UnsupportedCombinationError, "'direct'.*'discrete'"),
+    (dict(gradient="reversible"), UnsupportedCombinationError, "'direct'.*'discrete'"),
+    (dict(gradient="discrete", checkpoints=3), UnsupportedCombinationError, "'solution'"),
+    (dict(gradient="discrete", checkpoints="some"), InvalidInputError, "'all', 'solution'"),
+    (dict(gradient="discrete", memory_budget=1e6), UnsupportedCombinationError, "memory_budget"),
     (dict(gradient="nonsense"), UnknownNameError, "unknown gradient"),
     (dict(method="rk4"), UnsupportedCombinationError, "dopri5"),
     (dict(method="implicit_euler"), UnsupportedCombinationError, "per_sample"),
@@ -277,3 +284,141 @@ def test_state_shapes_against_closed_form():
     with pytest.raises(InvalidInputError, match="enlarge"):
         odegrad.solve(lambda s, y: -k * y, y0[:, 0, 0], t, per_sample=True,
                       rtol=torch.full((3, 1), 1e-6, dtype=F64))
+
+
+def lone_direct_gradients(field: Field, y0: torch.Tensor, t: torch.Tensor, weights, **options):
+    """∂L/∂y0 (per row), ∂L/∂t (per row, or summed for a shared 1-D t) and ∂L/∂θ summed over
+    the lone direct solves, L = Σ_b <w_b, y_b(t_b)>, and each lone solve's n_steps."""
+    params = list(field.parameters())
+    expected = [torch.zeros_like(y0), torch.zeros_like(t), *map(torch.zeros_like, params)]
+    steps = []
+    for b in range(y0.shape[0]):
+        y0_b = y0.detach()[b].clone().requires_grad_()
+        t_b = (t.detach()[b] if t.dim() == 2 else t.detach()).clone().requires_grad_()
+        alone = lone(Lone(field, b), y0_b, t_b, **options)
+        steps.append(alone.stats["n_steps"])
+        grads = torch.autograd.grad((alone.ys * weights[:, b]).sum(), [y0_b, t_b, *params])
+        expected[0][b] = grads[0]
+        if t.dim() == 2:
+            expected[1][b] = grads[1]
+        else:
+            expected[1] += grads[1]
+        for e, g in zip(expected[2:], grads[2:]):
+            e += g
+    return expected, steps
+
+
+@pytest.mark.parametrize("method, checkpoints, descending", [
+    ("dopri5", "all", False), ("dopri5", "solution", True), ("bosh3", "all", True),
+    ("fehlberg2", "all", True), ("tsit5", "solution", False),
+])
+def test_discrete_gradient_equals_lone_direct(method, checkpoints, descending):
+    """gradient="discrete" (FSAL and non-FSAL tableaus, both policies, forward and backward
+    rows) against direct of each lone solve and against the per-sample direct, w.r.t. y0, the
+    per-sample t and the parameters (shared MLP and per-sample k)."""
+    field = Field(K / 50 if descending else K)  # backwards, −k y grows as exp(k |t|)
+    y0 = torch.randn(BATCH, 3, dtype=F64, requires_grad=True)
+    t = row_times(BATCH, 4, descending).requires_grad_()
+    weights = torch.randn(4, BATCH, 3, dtype=F64)
+    params = [y0, t, *field.parameters()]
+    options = dict(method=method, rtol=1e-5, atol=1e-8)
+    sol = odegrad.solve(field, y0, t, per_sample=True, gradient="discrete",
+                        checkpoints=checkpoints, **options)
+    got = torch.autograd.grad((sol.ys * weights).sum(), params)
+    direct = odegrad.solve(field, y0, t, per_sample=True, **options)
+    torch.testing.assert_close(sol.ys, direct.ys, rtol=1e-12, atol=1e-12)
+    by_direct = torch.autograd.grad((direct.ys * weights).sum(), params)
+    expected, steps = lone_direct_gradients(field, y0, t, weights, **options)
+    # The same step sequences (the MLP's batched and lone matmuls round differently, which
+    # could flip a borderline accept/reject: the tolerances below keep clear of that).
+    assert sol.stats["sample_n_steps"].tolist() == steps
+    for name, g, e, d in zip(["y0", "t", "k", "l1.w", "l1.b", "l2.w", "l2.b"], got, expected,
+                             by_direct):
+        torch.testing.assert_close(g, e, rtol=0, atol=1e-10, msg=name)
+        torch.testing.assert_close(g, d, rtol=0, atol=1e-10, msg=name)
+    assert sol.stats["checkpoints"] == checkpoints and sol.stats["nfe_backward"] > 0
+
+
+def test_discrete_checkpoint_bytes_per_sample():
+    """Each sample keeps its rows only when they change: 1 + its accepted steps, times y_n and,
+    for an FSAL scheme under "all", its first stage; "solution" keeps y_n alone."""
+    field = Field(K)
+    y0 = torch.randn(BATCH, 3, dtype=F64, requires_grad=True)
+    t = torch.linspace(0.0, 1.0, 4, dtype=F64, requires_grad=True)  # a shared 1-D t
+    row = 3 * 8
+    sizes = {}
+    expected, _ = lone_direct_gradients(field, y0, t, torch.ones(4, BATCH, 3, dtype=F64))
+    for checkpoints, factor in (("all", 2), ("solution", 1)):
+        sol = odegrad.solve(field, y0, t, per_sample=True, gradient="discrete",
+                            checkpoints=checkpoints)
+        per_sample = sol.stats["sample_checkpoint_bytes"]
+        torch.testing.assert_close(per_sample, (1 + sol.stats["sample_n_accepted"]) * row * factor)
+        assert sol.stats["checkpoint_bytes"] > int(per_sample.sum())  # plus the step records
+        sizes[checkpoints] = sol.stats["checkpoint_bytes"]
+        got = torch.autograd.grad(sol.ys.sum(), [y0, t, *field.parameters()])
+        for g, e in zip(got, expected):
+            torch.testing.assert_close(g, e, rtol=0, atol=1e-10)
+    assert sizes["solution"] < sizes["all"]
+
+
+def test_discrete_gradient_after_overflowing_trial_steps():
+    """Overflowing first attempts (rejected) are replayed with h = 0, as direct redoes them."""
+    k = torch.tensor([0.5, 2.0], dtype=F64, requires_grad=True)
+    y0 = torch.ones(2, 1, dtype=F64, requires_grad=True)
+    t = torch.tensor([0.0, 500.0, 1000.0], dtype=F64)
+    sol = odegrad.solve(lambda s, y: -k.reshape(-1, 1) * y**3, y0, t, per_sample=True,
+                        first_step=1e4, gradient="discrete", params=[k])
+    assert int(sol.stats["sample_n_rejected"].min()) > 0
+    got = torch.autograd.grad(sol.ys.sum(), [y0, k])
+    for b in range(2):
+        y0_b = y0.detach()[b].clone().requires_grad_()
+        k_b = k.detach()[b].clone().requires_grad_()
+        alone = odegrad.solve(lambda s, y, k_b=k_b: -k_b * y**3, y0_b, t, first_step=1e4)
+        expected = torch.autograd.grad(alone.ys.sum(), [y0_b, k_b])
+        torch.testing.assert_close(got[0][b], expected[0], rtol=0, atol=1e-10)
+        torch.testing.assert_close(got[1][b], expected[1], rtol=0, atol=1e-10)
+
+
+def test_discrete_refuses_what_it_cannot_replay():
+    y0, t = torch.randn(BATCH, 2, dtype=F64), torch.tensor([0.0, 1.0], dtype=F64)
+    k = K.clone().requires_grad_()
+    with pytest.raises(InvalidInputError, match="params="):  # a captured tensor, not in params
+        odegrad.solve(batch_field(k), y0, t, per_sample=True, gradient="discrete")
+    dropout = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.5)).double()
+    with pytest.raises(UnsupportedCombinationError, match="random"):
+        odegrad.solve(_TimeFree(dropout), y0, t, per_sample=True, gradient="discrete")
+    sol = odegrad.solve(batch_field(k), y0.requires_grad_(), t, per_sample=True,
+                        gradient="discrete", params=[k])
+    (g,) = torch.autograd.grad(sol.ys.sum(), [y0], create_graph=True)
+    with pytest.raises(RuntimeError, match="twice|once_differentiable|does not require grad"):
+        torch.autograd.grad(g.sum(), [k])
+
+
+def test_latent_ode_per_sample_decoder_matches_the_grid_decoder():
+    """LatentODE(per_sample=True) decodes each series at its own observed times (index 0
+    first, filled with unobserved points): its negative ELBO equals the grid decoder's, whose
+    likelihood counts the same observed points, to the solver's tolerance (float64)."""
+    from odegrad.models import LatentODE
+    from odegrad.models.latent import own_times
+
+    mask = torch.tensor([[1, 0, 1, 1, 0, 0], [0, 1, 0, 0, 0, 1], [1, 1, 1, 1, 1, 0]])
+    index = own_times(mask.float())
+    # rows: observed {0, 2, 3} + earliest unobserved {1, 4}; {0, 1, 5} + {2, 3}; {0, ..., 4}
+    assert index.tolist() == [[0, 1, 2, 3, 4], [0, 1, 2, 3, 5], [0, 1, 2, 3, 4]]
+    model = LatentODE(2, latent_dim=3, hidden=8, encoder_hidden=8, rtol=1e-10, atol=1e-12).double()
+    n, length = 3, 10
+    t = torch.linspace(0.0, 2.0, length, dtype=F64)
+    values = torch.randn(n, length, 2, dtype=F64)
+    mask = (torch.rand(n, length) < 0.4).to(F64)
+    mask[:, 0] = 1.0
+    encoder_mask = mask.clone()
+    encoder_mask[:, 7:] = 0.0
+    losses = []
+    for per_sample in (False, True):
+        torch.manual_seed(1)  # the same reparameterised z_0
+        losses.append(model(t, values, mask, encoder_mask, per_sample=per_sample))
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-8, atol=0)
+    grads = [torch.autograd.grad(loss, list(model.block.parameters())) for loss in losses]
+    scale = max(float(g.abs().max()) for g in grads[0])  # two discretisations' gradients
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6 * scale)

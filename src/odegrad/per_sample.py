@@ -13,8 +13,10 @@ of its output may depend only on t[b] and y[b] (finished or rejected samples' ro
 computed and discarded). A BatchNorm in training mode inside an f module breaks this and is
 refused.
 
-This first slice: explicit Runge–Kutta methods with an error estimate and dense output, adaptive
-steps, gradient="direct"; every other option raises.
+Explicit Runge–Kutta methods with an error estimate and dense output, adaptive steps;
+gradient="direct" (autograd through the loop) or gradient="discrete" (the exact discrete adjoint
+of the masked scheme, per_sample_gradients.py, checkpoints="all" or "solution"); every other
+option raises.
 """
 
 from __future__ import annotations
@@ -91,18 +93,20 @@ def solve_per_sample(
     method = _resolve_method(method)
     load_gradient(gradient)  # an unknown name raises UnknownNameError
     _check_function_transforms(gradient)
-    if gradient != "direct":
+    if gradient not in ("direct", "discrete"):
         raise UnsupportedCombinationError(
             f"gradient={gradient!r} is not implemented with per_sample=True yet; use "
-            "gradient='direct' (autograd through the per-sample loop)"
+            "gradient='direct' (autograd through the per-sample loop) or gradient='discrete' "
+            "(its exact discrete adjoint)"
         )
-    _refuse(checkpoints is not None, "checkpoints= (it applies to gradient='discrete')")
+    checkpoints = _checkpoint_policy(checkpoints, gradient)
     _refuse(event_fn is not None, "event_fn=")
     _refuse(event_direction != 0, "event_direction=")
     for name in options:
         if name in PER_SAMPLE_OPTIONS:
             continue
-        if name in LOOP_OPTIONS or name == "count_graph_bytes":
+        if name in LOOP_OPTIONS or name in ("count_graph_bytes", "memory_budget",
+                                            "reproduce_rng"):
             _refuse(True, f"{name}=")
         raise UnknownNameError(
             f"unknown option {name!r} with per_sample=True; valid options: "
@@ -133,17 +137,35 @@ def solve_per_sample(
     atol = _tolerance(atol, "atol", y0)
     _check_tolerances_positive(rtol, atol)
 
-    stats: dict = {"nfe_forward": 0, "nfe_backward": 0, "method": solver.name}
+    stats: dict = {"nfe_forward": 0, "nfe_backward": 0, "method": solver.name,
+                   "checkpoint_bytes": None}
     sample = SampleStats(*(torch.zeros(0, dtype=torch.long),) * 4)
-    ys = integrate_per_sample(
-        _BatchField(f, y0, stats), y0, times, solver, rtol=rtol, atol=atol,
-        step_size=None if step_size is None else float(step_size), max_steps=max_steps,
-        control=control, stats=sample,
-    )
+    loop_kwargs = dict(rtol=rtol, atol=atol, max_steps=max_steps, control=control,
+                       step_size=None if step_size is None else float(step_size))
+    if gradient == "discrete":
+        from .api import _unique_params, probe_field
+        from .per_sample_gradients import solve_discrete
+
+        if params is None:
+            params = list(module.parameters()) if module is not None else []
+        params = _unique_params(params)
+        if torch.is_grad_enabled() and probe_field(f, y0, times.transpose(0, 1), params,
+                                                   gradient, module):
+            raise UnsupportedCombinationError(
+                "f draws random numbers (e.g. dropout in training mode): gradient='discrete' "
+                "with per_sample=True replays f in the backward pass and would see other draws; "
+                "use gradient='direct', or call f.eval()"
+            )
+        ys = solve_discrete(_BatchField(f, y0, stats), y0, times, solver, raw_f=f, params=params,
+                            checkpoints=checkpoints, stats=stats, sample=sample, module=module,
+                            **loop_kwargs)
+    else:
+        ys = integrate_per_sample(_BatchField(f, y0, stats), y0, times, solver, stats=sample,
+                                  **loop_kwargs)
     stats.update(
         n_steps=sample.iterations, sample_n_steps=sample.n_steps,
         sample_n_accepted=sample.n_accepted, sample_n_rejected=sample.n_rejected,
-        sample_nfe=sample.nfe, checkpoint_bytes=None, per_sample=True,
+        sample_nfe=sample.nfe, per_sample=True,
     )
     return Solution(ts=t, ys=ys, stats=stats)
 
@@ -154,6 +176,26 @@ def _refuse(condition: bool, what: str) -> None:
             f"{what} is not supported with per_sample=True yet; drop it, or solve without "
             "per_sample (shared steps)"
         )
+
+
+def _checkpoint_policy(checkpoints, gradient: str) -> str | None:
+    """checkpoints= for gradient="discrete": "all" (default) or "solution"; refused otherwise."""
+    if gradient != "discrete":
+        _refuse(checkpoints is not None, "checkpoints= (it applies to gradient='discrete')")
+        return None
+    if checkpoints is None:
+        return "all"
+    if isinstance(checkpoints, str) and checkpoints in ("all", "solution"):
+        return checkpoints
+    if isinstance(checkpoints, int) and not isinstance(checkpoints, bool):
+        raise UnsupportedCombinationError(
+            f"checkpoints={checkpoints} (a budget of kept states) is not implemented with "
+            "per_sample=True yet; use checkpoints='all' (default) or 'solution' (each "
+            "sample's states only, first stages recomputed)"
+        )
+    raise InvalidInputError(
+        f"checkpoints must be 'all', 'solution' or an int, got {checkpoints!r}"
+    )
 
 
 def _validate_y0(y0) -> Tensor:

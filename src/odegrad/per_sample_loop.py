@@ -87,7 +87,7 @@ class _Tableau:
 def integrate_per_sample(
     f, y0: Tensor, times: Tensor, solver: ExplicitRungeKutta, *,
     rtol: Tensor | float, atol: Tensor | float, step_size: float | None, max_steps: int,
-    control: StepControl, stats: SampleStats,
+    control: StepControl, stats: SampleStats, recorder=None,
 ) -> Tensor:
     """Solve y_b' = f(t, y)_b from y0[b] at times[b, 0] and return y_b at every times[b, i].
 
@@ -96,6 +96,8 @@ def integrate_per_sample(
     Differentiable by autograd (gradient="direct"), also w.r.t. `times` when it requires grad,
     with the shared loop's dependence: t_n = times[b, 0] + offset, the landing step
     h = times[b, -1] − t_n and θ = (times[b, i] − t_n)/h for an output inside a step.
+    `recorder` (per_sample_gradients.StepRecorder), if given, is told the initial state and,
+    after each iteration's one host read, what replays that masked step (gradient="discrete").
     """
     batch, n_times = times.shape
     dtype, device = y0.dtype, y0.device
@@ -125,6 +127,8 @@ def integrate_per_sample(
 
     k1 = f(first_time, y0)  # the first stage of the first step
     stats.nfe += 1
+    if recorder is not None:
+        recorder.start(y0, k1)
     if step_size is None:
         with torch.no_grad():
             h = initial_step_sizes(f, times[:, 0].detach(), y0.detach(), k1.detach(),
@@ -197,8 +201,10 @@ def integrate_per_sample(
         flags = torch.stack([
             done_next.all().long(), passed.sum(dim=1).max(), failed.any().long(),
             (stale_next & ~done_next).any().long(), trial_nonfinite.any().long(),
+            accepted.sum(),
         ])
-        all_done, n_passed, any_failed, any_stale, any_nonfinite = flags.tolist()  # the one sync
+        (all_done, n_passed, any_failed, any_stale, any_nonfinite,
+         n_accepted) = flags.tolist()  # the one sync
         if any_failed:
             _raise_first(underflow, fatal, over, retried, t_n, h, max_steps)
         if any_nonfinite and torch.is_grad_enabled():
@@ -215,6 +221,9 @@ def integrate_per_sample(
         y = torch.where(col(accepted), y_next, y)
         if tab.fsal:
             k1 = torch.where(col(accepted), ks[-1], k1)
+        if recorder is not None:
+            recorder.step(t_n, offset, h, lands, accepted, trial_nonfinite, stale, need_fresh,
+                          y, k1, n_accepted)
         offset = torch.where(accepted, offset + h, offset)
         t_n = torch.where(accepted, t_next, t_n)
         done, stale = done_next, stale_next
@@ -245,6 +254,8 @@ def integrate_per_sample(
             outputs = torch.where(slot.reshape(batch, n_times, *view[1:]), value.unsqueeze(1),
                                   outputs)
             next_output = next_output + emit
+            if recorder is not None:
+                recorder.emit(index, emit)
         if all_done:
             break
         h = torch.where(active, h_next, h)

@@ -263,6 +263,11 @@ class LatentTask(Task):
                                  "between observations, solved with the solver settings")
         parser.add_argument("--obs-std", type=positive_float, default=0.1,
                             help="the likelihood's noise std (standardised units)")
+        parser.add_argument("--per-sample", action="store_true",
+                            help="training: decode each series at its own observation times "
+                                 "(one per_sample=True solve, every series with its own steps) "
+                                 "instead of at the union of the batch's times; evaluation "
+                                 "stays on the shared grid")
         parser.add_argument("--keep", type=fraction, default=0.5,
                             help="fraction of grid points each series keeps (irregular sampling)")
         parser.add_argument("--window", type=positive_int, default=None,
@@ -295,7 +300,7 @@ class LatentTask(Task):
 
     def loss(self, model, batch):
         values, mask, encoder_mask = batch
-        loss = model(self.t, values, mask, encoder_mask)
+        loss = model(self.t, values, mask, encoder_mask, per_sample=self.args.per_sample)
         return loss, {"loss": loss.detach() * len(values), "count": len(values)}
 
     @torch.no_grad()

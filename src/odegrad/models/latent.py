@@ -8,7 +8,9 @@ fixed noise. Training maximises the ELBO
 
     E_q[Σ_i log N(x_i; g(z(t_i)), s²)] − KL(q(z_0 | x) ‖ N(0, I)),
 
-with the KL in closed form and one reparameterised sample.
+with the KL in closed form and one reparameterised sample. With `per_sample=True` the decoder
+solve reads each series at its own observation times (`odegrad.solve(..., per_sample=True)`, t of
+shape (N, n)) instead of at the union of all the batch's times (the shared grid).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from ..api import solve
 from ..errors import UnknownNameError
 from .odeblock import ODEBlock
 
@@ -161,22 +164,57 @@ class LatentODE(nn.Module):
         zs = self.block.solve(z0, t)  # (T, N, latent)
         return self.decoder(zs).transpose(0, 1)
 
+    def decode_per_sample(self, z0: Tensor, times: Tensor) -> Tensor:
+        """The decoded mean at each series' own times, times (N, n) (row b strictly increasing
+        from t_0): one per-sample solve, every series with its own steps; (N, n, D)."""
+        block = self.block
+        params = [p for p in block.func.parameters() if p.requires_grad]
+        solution = solve(
+            block.func, z0, times.to(z0), method=block.method, gradient=block.gradient,
+            rtol=block.rtol, atol=block.atol, step_size=block.step_size,
+            checkpoints=block.checkpoints, params=params, per_sample=True, **block.options,
+        )
+        block.stats = solution.stats
+        return self.decoder(solution.ys).transpose(0, 1)
+
     def predict(self, t: Tensor, values: Tensor, encoder_mask: Tensor) -> Tensor:
         """The reconstruction/extrapolation from the posterior mean of z_0: (N, T, D)."""
         mean, _ = self.encoder(t, values, encoder_mask)
         return self.decode(mean, t)
 
-    def forward(self, t: Tensor, values: Tensor, mask: Tensor, encoder_mask: Tensor) -> Tensor:
+    def forward(self, t: Tensor, values: Tensor, mask: Tensor, encoder_mask: Tensor,
+                per_sample: bool = False) -> Tensor:
         """The negative ELBO per series, divided by the number of grid values T·D.
 
         The encoder reads `encoder_mask` (the observation window); the likelihood counts every
-        observed value in `mask`, extrapolation horizon included.
+        observed value in `mask`, extrapolation horizon included. per_sample=True decodes each
+        series at its own observed times only (`own_times`), not on the whole grid.
         """
+        length = values.shape[1]
         mean, log_var = self.encoder(t, values, encoder_mask)
         z0 = mean + torch.exp(0.5 * log_var) * torch.randn_like(mean)
-        predicted = self.decode(z0, t)
+        if per_sample:
+            index = own_times(mask)
+            predicted = self.decode_per_sample(z0, t[index])
+            values = values.gather(1, index.unsqueeze(-1).expand(-1, -1, values.shape[-1]))
+            mask = mask.gather(1, index)
+        else:
+            predicted = self.decode(z0, t)
         residual = (values - predicted) / self.obs_std
         log_lik = -0.5 * residual.pow(2) - math.log(self.obs_std) - 0.5 * math.log(2 * math.pi)
         log_lik = (log_lik * mask.unsqueeze(-1)).sum((1, 2))
         kl = 0.5 * (mean.pow(2) + log_var.exp() - 1.0 - log_var).sum(-1)
-        return (kl - log_lik).mean() / (values.shape[1] * values.shape[2])
+        return (kl - log_lik).mean() / (length * values.shape[2])
+
+
+def own_times(mask: Tensor) -> Tensor:
+    """Each series' grid indices for a per-sample solve, (N, n) ascending: index 0 (where z_0
+    lives), then its observed points; n = the most any series needs, and a series with fewer
+    is filled with its earliest unobserved points (weight 0 in the likelihood; read from the
+    dense output, they cost no step unless they lie past the series' last observation)."""
+    n_series, length = mask.shape
+    columns = torch.arange(length, device=mask.device).expand(n_series, -1)
+    key = torch.where(mask > 0, columns, columns + length)
+    key = torch.where(columns == 0, -1, key)
+    n = int((key < length).sum(1).max())  # one host read per batch
+    return key.topk(n, dim=1, largest=False).indices.sort(dim=1).values
