@@ -9,9 +9,16 @@ import torch
 from odegrad.cli import main
 from odegrad.data.series import Series
 from odegrad.models.latent_sde import LatentSDE, PiecewiseContext
-from odegrad.train_sde import baseline_log_likelihoods, make_lorenz
+from odegrad.train_sde import (
+    baseline_forecasts,
+    baseline_log_likelihoods,
+    gaussian_crps,
+    make_lorenz,
+    sample_crps,
+)
 
 TINY = ["--latent-dim", "2", "--context-dim", "4", "--hidden", "8", "--eval-samples", "1",
+        "--forecast-samples", "4",
         "--plot-samples", "4", "--no-progress"]
 
 
@@ -84,6 +91,42 @@ def test_baselines_prefer_the_process_that_made_the_data():
     assert -2.0 < result["ou_loglik_per_value"] < 0.0
 
 
+def test_sample_crps_matches_the_gaussian_closed_form():
+    g = torch.Generator().manual_seed(0)
+    x = torch.tensor([-1.0, 0.0, 0.3, 2.5], dtype=torch.float64)
+    samples = 0.5 + 2.0 * torch.randn(20000, 4, generator=g, dtype=torch.float64)
+    exact = gaussian_crps(x, torch.tensor(0.5, dtype=torch.float64),
+                          torch.tensor(4.0, dtype=torch.float64))
+    assert torch.allclose(sample_crps(x, samples), exact, rtol=0.03)
+
+
+def test_forecast_reads_only_the_observation_window():
+    torch.manual_seed(0)
+    model = LatentSDE(1, 2, 3, 8, dt=0.125).double()
+    t, values, mask = _batch(n=3, length=6)
+    zs = model.forecast(t, values, mask, n_observed=4, n=5, seed=3)
+    assert zs.shape == (6, 5, 3, 2)
+    changed = values.clone()
+    changed[:, 4:] += 10.0
+    assert torch.equal(model.forecast(t, changed, mask, n_observed=4, n=5, seed=3), zs)
+    assert not torch.equal(model.forecast(t, values, mask, n_observed=4, n=5, seed=4), zs)
+
+
+def test_baseline_forecasts_condition_on_the_last_observed_value():
+    # Random walk data: its one-step joint forecast beats its multi-step marginal one, and the
+    # CRPS is positive; a window whose last observation-window point is missing still works.
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(60, 10, 1, generator=g).cumsum(1) * 0.5
+    t = 0.5 * torch.arange(10, dtype=torch.float32)
+    mask = torch.ones(60, 10)
+    mask[45, 6] = 0.0
+    result = baseline_forecasts(Series(t, x[:40], mask[:40], 7), Series(t, x[40:], mask[40:], 7))
+    walk = {key.split("_forecast_")[1]: value for key, value in result.items()
+            if key.startswith("random_walk")}
+    assert walk["joint_loglik_per_value"] > walk["loglik_per_value"]
+    assert walk["crps_per_value"] > 0.0
+
+
 def test_lorenz_is_standardised_and_seeded():
     split = make_lorenz(8, 4, length=10, dt=1e-2)
     again = make_lorenz(8, 4, length=10, dt=1e-2)
@@ -96,19 +139,23 @@ def test_train_sde_writes_outputs_and_the_loss_falls(tmp_path):
     out = tmp_path / "run"
     code = main(["train", "sde", "--epochs", "3", "--max-iters", "4", "--batch-size", "32",
                  "--window", "8", "--time-step", "0.5",
-                 "--lr", "2e-2", "--kl-anneal", "0", *TINY, "--out", str(out)])
+                 "--lr", "2e-2", "--kl-anneal", "0", "--gradient", "discrete", *TINY,
+                 "--out", str(out)])
     assert code == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert sorted(summary["files"]) == ["curves.png", "model.pt", "posterior.png", "prior.png",
-                                        "summary.json"]
-    for name in ("curves.png", "posterior.png", "prior.png"):
+    assert sorted(summary["files"]) == ["curves.png", "forecast.png", "model.pt", "posterior.png",
+                                        "prior.png", "summary.json"]
+    for name in ("curves.png", "forecast.png", "posterior.png", "prior.png"):
         assert (out / name).stat().st_size > 1000
     history = summary["history"]
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     final = summary["final"]
     assert {"test_elbo_per_value", "random_walk_loglik_per_value", "ou_loglik_per_value",
-            "elbo_minus_best_baseline"} <= set(final)
-    assert summary["gradient"] == "reversible" and summary["method"] == "reversible_heun"
+            "elbo_minus_best_baseline", "forecast_loglik_per_value",
+            "forecast_crps_minus_best_baseline", "ou_forecast_loglik_per_value"} <= set(final)
+    assert all(isinstance(value, float) and value == value for value in final.values()
+               if not isinstance(value, (str, list, dict)))
+    assert summary["gradient"] == "discrete" and summary["method"] == "midpoint"
     assert summary["nfe_backward_per_iteration"] > 0
     model = LatentSDE(1, 2, 4, 8, dt=0.125).double()
     model.load_state_dict(torch.load(out / "model.pt"))

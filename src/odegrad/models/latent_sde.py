@@ -42,22 +42,25 @@ def _mlp(n_in: int, hidden: int, n_out: int) -> nn.Sequential:
 
 
 class ContextEncoder(nn.Module):
-    """c_j = Linear(GRU state after reading [x_k·m_k, m_k] for k = T−1, ..., j): a summary of
-    the observations at and after t_j (m the observation mask), and q(z_0) from c_0."""
+    """c_j = [Linear(GRU state after reading [x_k·m_k, m_k] for k = T−1, ..., j), x_j·m_j, m_j]:
+    a summary of the observations at and after t_j (m the observation mask) with the next
+    observation itself passed through (so the posterior drift can steer towards it from the
+    first iterations), and q(z_0) from c_0. `size` = context_dim + obs_dim + 1."""
 
     def __init__(self, obs_dim: int, hidden: int, context_dim: int, latent_dim: int):
         super().__init__()
         self.gru = nn.GRU(obs_dim + 1, hidden, batch_first=True)
         self.context = nn.Linear(hidden, context_dim)
-        self.initial = nn.Linear(context_dim, 2 * latent_dim)
+        self.size = context_dim + obs_dim + 1
+        self.initial = nn.Linear(self.size, 2 * latent_dim)
 
     def forward(self, values: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(context (T, N, C), mean and log std of q(z_0), each (N, d)) from values (N, T, D)
-        and mask (N, T)."""
+        """(context (T, N, size), mean and log std of q(z_0), each (N, d)) from values
+        (N, T, D) and mask (N, T)."""
         m = mask.unsqueeze(-1)
-        inputs = torch.cat([values * m, m], -1).flip(1)
-        states, _ = self.gru(inputs)
-        context = self.context(states.flip(1)).transpose(0, 1)
+        inputs = torch.cat([values * m, m], -1)
+        states, _ = self.gru(inputs.flip(1))
+        context = torch.cat([self.context(states.flip(1)), inputs], -1).transpose(0, 1)
         mean, log_std = self.initial(context[0]).chunk(2, -1)
         return context, mean, log_std
 
@@ -66,7 +69,15 @@ class PiecewiseContext:
     """c(t) = c_k for t in [t_{k−1}, t_k) (the summary from the next observation time on) and
     c_{T−1} from t_{T−1} on, read from contexts (T, N, C) on the grid t (T,). A time within a
     millionth of the smallest gap below t_k counts as t_k, so the floats t_n + h and t_{n+1}
-    of one step boundary (forward and backward pass) read the same context."""
+    of one step boundary (forward and backward pass) read the same context.
+
+    Alignment with the scheme: a step from t_n towards t_{n+1} should steer by c_{n+1}. Euler
+    and midpoint evaluate the drift at times in [t_n, t_{n+1}) only, so with steps that divide
+    the observation gaps every evaluation reads c_{n+1}. Heun and reversible Heun also
+    evaluate it at the step's end, where c jumps to the next interval's summary (reversible
+    Heun shares that evaluation between two steps): with dt = the gap, half of each step's
+    drift steers by the wrong observation, a lag that on sunspots cost the fit most of its
+    accuracy (benchmarks/RESULTS.md §9); a finer dt shrinks the mismatch."""
 
     def __init__(self, times: Tensor, contexts: Tensor):
         self.times, self.contexts = times, contexts
@@ -103,6 +114,11 @@ class LatentSDE(nn.Module):
     and observation likelihood ("gaussian" or "laplace", its scale learned per channel unless
     `obs_scale` fixes it).
 
+    The observation scale starts at `obs_scale` (1 when None) and is a parameter; with
+    `learn_obs_scale=False` it is held there (`obs_log_scale.requires_grad_(True)` releases it
+    later: a small scale held during the first iterations keeps the posterior from collapsing
+    onto the prior while a large learned noise explains the data).
+
     Every solve goes through `odegrad.solve_sde` with `method`, `gradient`, `dt`, `checkpoints`
     and `options` as given (default: reversible Heun with the exact reversible gradient, memory
     constant in the number of steps). After each forward pass `stats` holds the posterior
@@ -113,24 +129,24 @@ class LatentSDE(nn.Module):
         self, obs_dim: int, latent_dim: int = 4, context_dim: int = 16, hidden: int = 64, *,
         dt: float, method: str = "reversible_heun", gradient: str = "reversible",
         checkpoints: str | int | None = None, likelihood: str = "gaussian",
-        obs_scale: float | None = None, max_diffusion: float = 1.0, **options,
+        obs_scale: float | None = None, learn_obs_scale: bool = True,
+        max_diffusion: float = 1.0, **options,
     ):
         super().__init__()
         if likelihood not in LIKELIHOODS:
             raise UnknownNameError(
                 f"unknown likelihood {likelihood!r}; valid: {', '.join(LIKELIHOODS)}")
         self.encoder = ContextEncoder(obs_dim, hidden, context_dim, latent_dim)
-        self.posterior_drift = _mlp(latent_dim + context_dim, hidden, latent_dim)
+        self.posterior_drift = _mlp(latent_dim + self.encoder.size, hidden, latent_dim)
         self.prior_drift = _mlp(latent_dim, hidden, latent_dim)
         self.diffusion = DiagonalDiffusion(latent_dim, hidden, max_diffusion)
         self.decoder = nn.Linear(latent_dim, obs_dim)
         self.prior_mean = nn.Parameter(torch.zeros(latent_dim))
         self.prior_log_std = nn.Parameter(torch.zeros(latent_dim))
         self.likelihood = likelihood
-        if obs_scale is None:
-            self.obs_log_scale = nn.Parameter(torch.zeros(obs_dim))
-        else:
-            self.register_buffer("obs_log_scale", torch.full((obs_dim,), math.log(obs_scale)))
+        self.obs_log_scale = nn.Parameter(
+            torch.full((obs_dim,), 0.0 if obs_scale is None else math.log(obs_scale)),
+            requires_grad=learn_obs_scale)
         self.solver = dict(method=method, gradient=gradient, dt=dt, checkpoints=checkpoints,
                            **options)
         self.latent_dim = latent_dim
@@ -183,14 +199,25 @@ class LatentSDE(nn.Module):
 
     def log_likelihood(self, zs: Tensor, values: Tensor, mask: Tensor) -> Tensor:
         """Σ over observed (time, channel) of log p(x | D z), per series (N,); zs (T, N, d)."""
-        location = self.decoder(zs).transpose(0, 1)
-        log_scale = self.obs_log_scale
-        residual = (values - location) / log_scale.exp()
-        if self.likelihood == "gaussian":
-            log_p = -0.5 * residual.pow(2) - log_scale - 0.5 * math.log(2 * math.pi)
-        else:
-            log_p = -residual.abs() - log_scale - math.log(2.0)
+        log_p = self.observation_log_density(values, self.decoder(zs).transpose(0, 1))
         return (log_p * mask.unsqueeze(-1)).sum((1, 2))
+
+    def observation_log_density(self, x: Tensor, location: Tensor) -> Tensor:
+        """log p(x | location) element-wise (broadcasting; the last dimension the channel)."""
+        log_scale = self.obs_log_scale
+        residual = (x - location) / log_scale.exp()
+        if self.likelihood == "gaussian":
+            return -0.5 * residual.pow(2) - log_scale - 0.5 * math.log(2 * math.pi)
+        return -residual.abs() - log_scale - math.log(2.0)
+
+    @torch.no_grad()
+    def observation_noise(self, location: Tensor) -> Tensor:
+        """A draw from p(x | location) (torch's generator)."""
+        scale = self.obs_log_scale.exp()
+        if self.likelihood == "gaussian":
+            return location + scale * torch.randn_like(location)
+        uniform = torch.rand_like(location) - 0.5
+        return location - scale * uniform.sign() * torch.log1p(-2 * uniform.abs())
 
     def initial_kl(self, mean: Tensor, log_std: Tensor) -> Tensor:
         """KL(N(mean, e^{2 log_std}) ‖ N(m_p, s_p²)) per series, in closed form."""
@@ -233,3 +260,33 @@ class LatentSDE(nn.Module):
             draws = [self.posterior_paths(t, values, mask, seed=seed + 1 + k)[0]
                      for k in range(n)]
         return torch.stack(draws, 1)
+
+    @torch.no_grad()
+    def forecast(self, t: Tensor, values: Tensor, mask: Tensor, n_observed: int, n: int,
+                 seed: int = 0) -> Tensor:
+        """Latent paths of the model's forecast: n per series, (T, n, N, d) on the grid t (T,).
+
+        Up to t[n_observed − 1] the posterior SDE conditioned on the observations of the first
+        n_observed times only (values (N, T, D) and mask (N, T) beyond them are not read);
+        from there on the prior SDE, started from the posterior's state at t[n_observed − 1].
+        Each draw has its own z_0 and Brownian paths (all draws in one batched solve); torch's
+        generator is forked, so the caller's stream is untouched.
+        """
+        if not 1 <= n_observed < len(t):
+            raise ValueError(f"n_observed must be in [1, {len(t) - 1}], got {n_observed}")
+        batch = values.shape[0]
+        seen_values = values[:, :n_observed].repeat(n, 1, 1)
+        seen_mask = mask[:, :n_observed].repeat(n, 1)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            if n_observed > 1:
+                observed = self.posterior_paths(t[:n_observed], seen_values, seen_mask,
+                                                seed=seed + 1)[0]
+            else:
+                _, mean, log_std = self.encoder(seen_values, seen_mask)
+                observed = (mean + log_std.exp() * torch.randn_like(mean)).unsqueeze(0)
+            ahead = solve_sde(self.prior, self.noise, observed[-1], t[n_observed - 1:],
+                              sde_type="stratonovich", noise_type="diagonal", seed=seed + 2,
+                              **self.solver).ys
+        zs = torch.cat([observed, ahead[1:]])
+        return zs.reshape(len(t), n, batch, -1)
