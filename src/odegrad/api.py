@@ -83,6 +83,8 @@ def solve(
     max_steps: int = DEFAULT_MAX_STEPS,
     event_fn: Callable | None = None,
     event_direction: int = 0,
+    per_sample: bool = False,
+    compile: bool = False,
     **options,
 ) -> Solution:
     """Solve y' = f(t, y), y(t[0]) = y0, and return a `Solution` at the times t.
@@ -109,6 +111,16 @@ def solve(
             require grad.
         event_direction: -1 counts only crossings where g falls through zero, 1 only rising
             ones, 0 (default) both. A component exactly zero at t0 is armed once it leaves 0.
+        per_sample: True: y0's leading dimension indexes independent problems, each with
+            its own adaptive steps, controller state and (t of shape (batch, n_times)) output
+            times; ys is (n_times, batch, ...). f then gets t of shape (batch,) and must treat
+            the samples independently. Explicit Runge–Kutta methods, gradient="direct"
+            (odegrad.per_sample).
+        compile: True: each step (the scheme's stages with f inlined) and its backward run
+            as one torch.compile'd function, compiled once per (f, scheme, shapes, dtype,
+            device) and reused for every step and call (odegrad.compiled). Fixed-step
+            explicit Runge–Kutta with gradient="direct" or "discrete" only; anything else
+            raises UnsupportedCombinationError, a torch.compile failure CompilationError.
         **options: method options (coupling=, eta=, ...) and gradient options (n_nodes=,
             adjoint_rtol=, ...); an option nobody takes raises UnknownNameError. Step
             callbacks, each a callable (t, y, h) whose return value is ignored:
@@ -131,6 +143,22 @@ def solve(
             jump (step_times.py). Fixed steps of step_size restart from each of them. Not
             with event_fn.
     """
+    if not isinstance(compile, bool):
+        raise InvalidInputError(f"compile must be True or False, got {compile!r}")
+    if per_sample is not False:
+        if compile:
+            from .compiled import check as check_compile
+
+            check_compile(gradient=gradient, solver=None, adaptive=False, extra=["per_sample"])
+        if per_sample is not True:
+            raise InvalidInputError(f"per_sample must be True or False, got {per_sample!r}")
+        from .per_sample import solve_per_sample
+
+        return solve_per_sample(
+            f, y0, t, method=method, rtol=rtol, atol=atol, step_size=step_size,
+            gradient=gradient, checkpoints=checkpoints, params=params, max_steps=max_steps,
+            event_fn=event_fn, event_direction=event_direction, **options,
+        )
     stats: dict = {"nfe_forward": 0, "nfe_backward": 0}
     method = _resolve_method(method)
     y0_flat, shapes, is_tuple = _validate_y0(y0)
@@ -205,6 +233,14 @@ def solve(
         _check_tolerances_positive(problem.rtol, problem.atol)
     if gradient != "direct" and torch.is_grad_enabled():
         problem.draws_random = probe_field(field_, y0_flat, t, params, gradient, module)
+    if compile:
+        from . import compiled
+
+        compiled.check(gradient=gradient, solver=solver, adaptive=problem.adaptive,
+                       event_fn=event_fn, step_times=bool(step_times),
+                       stochastic=problem.stochastic())
+        problem.solver = compiled.compiled_solver(solver, f, field_, counted,
+                                                  shapes if is_tuple else None)
     check = getattr(gradient_module, "check", None)
     if check is not None:
         check(problem)

@@ -42,8 +42,14 @@ class _Kept:
     step: Step | None = None
 
     def tensors(self) -> list[Tensor]:
-        carry = None if self.carry is _INIT else self.carry
-        return _tensors([self.state, carry, self.stages, self.step])
+        out = [self.state]
+        if self.carry is not None and self.carry is not _INIT:
+            out += _tensors(self.carry)
+        if self.stages is not None:
+            out += [k for k in self.stages if k is not None]
+        if self.step is not None:
+            out += _tensors(self.step)
+        return out
 
 
 class _Store:
@@ -82,23 +88,40 @@ class _Store:
                 self.bytes -= _nbytes(x)
 
 
-@dataclasses.dataclass(frozen=True)
 class _Slot:
-    index: int
+    """Where a packed tensor lies in the saved tensors."""
+
+    __slots__ = ("index",)
+
+    def __init__(self, index: int):
+        self.index = index
+
+
+def _slot(x: Tensor, saved: list[Tensor], index: dict[int, int]) -> _Slot:
+    i = index.get(id(x))
+    if i is None:
+        i = index[id(x)] = len(saved)
+        saved.append(x)
+    return _Slot(i)
 
 
 def _pack(obj: Any, saved: list[Tensor], index: dict[int, int]) -> Any:
     """obj with every tensor replaced by its slot in `saved` (each tensor saved once)."""
+    if obj is None:
+        return None
     if isinstance(obj, Tensor):
-        if id(obj) not in index:
-            index[id(obj)] = len(saved)
-            saved.append(obj)
-        return _Slot(index[id(obj)])
+        return _slot(obj, saved, index)
     if isinstance(obj, (list, tuple)):
         items = [_pack(x, saved, index) for x in obj]
         return items if isinstance(obj, list) else tuple(items)
     if isinstance(obj, dict):
         return {k: _pack(v, saved, index) for k, v in obj.items()}
+    if type(obj) is _Kept:  # the common case, without dataclasses.replace's introspection
+        stages = obj.stages
+        if stages is not None:
+            stages = [None if k is None else _slot(k, saved, index) for k in stages]
+        return _Kept(_slot(obj.state, saved, index), _pack(obj.carry, saved, index), stages,
+                     _pack(obj.step, saved, index))
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return dataclasses.replace(obj, **{
             f.name: _pack(getattr(obj, f.name), saved, index)
@@ -108,6 +131,8 @@ def _pack(obj: Any, saved: list[Tensor], index: dict[int, int]) -> Any:
 
 
 def _unpack(obj: Any, saved: tuple[Tensor, ...]) -> Any:
+    if obj is None:
+        return None
     if isinstance(obj, _Slot):
         return saved[obj.index]
     if isinstance(obj, (list, tuple)):
@@ -115,6 +140,12 @@ def _unpack(obj: Any, saved: tuple[Tensor, ...]) -> Any:
         return items if isinstance(obj, list) else tuple(items)
     if isinstance(obj, dict):
         return {k: _unpack(v, saved) for k, v in obj.items()}
+    if type(obj) is _Kept:
+        stages = obj.stages
+        if stages is not None:
+            stages = [None if k is None else saved[k.index] for k in stages]
+        return _Kept(saved[obj.state.index], _unpack(obj.carry, saved), stages,
+                     _unpack(obj.step, saved))
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return dataclasses.replace(obj, **{
             f.name: _unpack(getattr(obj, f.name), saved)

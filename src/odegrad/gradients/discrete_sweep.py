@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from ..checkpointing import Delete, Forward, Load, Reverse, Save, Schedule, reverse_segments
-from ..loop import replay_rejected
+from ..loop import _TABLE_DTYPES, _StageTimeRows, replay_rejected, stage_time_table
 from ..solvers.base import Solver
 from ..solvers.explicit import combine
 from .checkpoint_store import _INIT, _Kept, _tensors
@@ -66,6 +66,19 @@ class _Backward:
         self.lam: Tensor | None = None  # ∂L/∂state_{n+1}
         self.carry_bar: Any = None  # ∂L/∂(carry of step n+1): FSAL stage or solver carry
         self.param_bars: list[Tensor | None] = [None] * len(self.params)
+        self.param_owned = [False] * len(self.params)  # param_bars[k] allocated here
+        self.all_owned = False
+        self.fsal_bar: tuple[Tensor, float] | None = None  # κ_1 of step n+1 = c v, as (v, c)
+        self.rows = None  # explicit RK: the stage times of every step (stage_times)
+        if run.rk:
+            s = len(run.c)
+            # κ_i reads ȳ_j of the later stages j with a_ji ≠ 0
+            self.later = [[(j, run.a[j][i]) for j in range(i + 1, s) if run.a[j][i] != 0.0]
+                          for i in range(s)]
+            if self.steps and t.dtype in _TABLE_DTYPES:
+                plan = [(r.h, r.end_anchor, r.start_anchor, r.start_offset) for r in self.steps]
+                times = [float(v) for v in self.t.cpu().tolist()]
+                self.rows = _StageTimeRows(stage_time_table(times, plan, run.c, self.t))
         self.current: tuple[int, Tensor, Any] | None = None  # (n, state, carry)
         self.recomputed = 0
 
@@ -79,12 +92,13 @@ class _Backward:
             self.execute(schedule)
         state0 = self.problem.solver.initial_state(self.problem.y0.detach())
         lam = self.lam
-        if run.rk and run.fsal and self.carry_bar is not None:
+        if run.rk and run.fsal and self.fsal_bar is not None:
             key = run.stage_keys[0][0] if run.streams is not None else None
-            g_y, g_t = self.vjp(self.t[0], state0, self.carry_bar, key)
-            lam = _sum(lam, g_y)
+            v, c = self.fsal_bar
+            g_y, g_t = self.vjp(self.t[0], state0, v, key, c)
+            lam = _sum(lam, None if g_y is None else g_y * c)
             if g_t is not None:
-                self.t_bar[0] += g_t
+                self.t_bar[0] += g_t * c
         y0_bar = _sum(self.grad_ys[0], self.initial_state_vjp(lam))
         self.problem.stats["n_recomputed_steps"] += self.recomputed
         return (y0_bar, self.t_bar, *self.param_bars)
@@ -198,43 +212,53 @@ class _Backward:
         """κ_i = h(b_i λ + Σ_o b_i(θ_o) ȳ_o + Σ_{j>i} a_ji J_j^T κ_j),
         λ_n = λ + Σ_o ȳ_o + Σ_i J_i^T κ_i (ALGORITHMS §1). The FSAL stage's cotangent from
         step n + 1 is added to κ_s; κ_1 of an FSAL scheme goes back to step n − 1 instead of
-        through a VJP here."""
+        through a VJP here.
+
+        Each κ_i is kept as a pair (v, c) with κ_i = c v, and each VJP is taken of v and scaled
+        by c where it is accumulated (J^T is linear): a κ of one term then costs no tensor op
+        and one of m terms m − 1 fused adds, instead of a scaling per term."""
         run, record = self.run_, self.steps[n]
-        h, t_n, s = record.h, self.t_n(n), len(ks)
+        h, s = record.h, len(ks)
         lam = self.lam
-        for i in self.ends.get(n, []):
+        for i in self.ends.get(n, ()):
             lam = _sum(lam, self.grad_ys[i])
         inside = [(i, theta, self.grad_ys[i], self.solver.dense_weights(theta))
-                  for i, theta in self.inside.get(n, [])]
+                  for i, theta in self.inside.get(n, ())]
+        times = self.stage_times(n)
+        keys = run.stage_keys[n] if run.streams is not None else None
         lam_n = _Acc()
         lam_n.add(lam)
         for _, _, g, _ in inside:
             lam_n.add(g)
-        keys = run.stage_keys[n] if run.streams is not None else None
-        y_bars: list[Tensor | None] = [None] * s
+        y_bars: list[tuple[Tensor, float] | None] = [None] * s  # ȳ_j = c u_j as (u_j, c)
         t_n_bar = h_bar = None
-        carry_bar = None
+        fsal_bar = None
         for i in range(s - 1, -1, -1):
-            kappa = _Acc()
-            kappa.add(lam, h * run.b[i])
+            terms = [] if lam is None or run.b[i] == 0.0 else [(lam, h * run.b[i])]
             for _, _, g, w in inside:
-                kappa.add(g, h * w[i])
-            for j in range(i + 1, s):
-                kappa.add(y_bars[j], h * run.a[j][i])
-            if self.time and kappa.value is not None:  # ∂/∂h of the h Σ_j (·) K_j terms
-                h_bar = _sum(h_bar, (ks[i] * kappa.value).sum() / h)
-            if i == s - 1 and run.fsal:
-                kappa.add(self.carry_bar)
+                if w[i] != 0.0:
+                    terms.append((g, h * w[i]))
+            for j, a in self.later[i]:
+                if y_bars[j] is not None:
+                    terms.append((y_bars[j][0], h * a * y_bars[j][1]))
+            kappa = _scaled_sum(terms)
+            if self.time and kappa is not None:  # ∂/∂h of the h Σ_j (·) K_j terms
+                h_bar = _sum(h_bar, (ks[i] * kappa[0]).sum() * (kappa[1] / h))
+            if i == s - 1 and run.fsal and self.fsal_bar is not None:
+                kappa = _scaled_sum(([kappa] if kappa is not None else []) + [self.fsal_bar])
             if i == 0 and run.fsal:
-                carry_bar = kappa.value
+                fsal_bar = kappa
                 continue
-            if kappa.value is None:
+            if kappa is None:
                 continue
+            v, c = kappa
             point = y if i == 0 else combine(y, h, run.a_terms[i], ks)
-            time_i = t_n if i == 0 else t_n + run.c[i] * h
-            y_bars[i], g_t = self.vjp(time_i, point, kappa.value, None if keys is None else keys[i])
-            lam_n.add(y_bars[i])
+            u, g_t = self.vjp(times[i], point, v, None if keys is None else keys[i], c)
+            if u is not None:
+                y_bars[i] = (u, c)
+                lam_n.add(u, c)
             if g_t is not None:
+                g_t = g_t * c
                 t_n_bar = _sum(t_n_bar, g_t)
                 h_bar = _sum(h_bar, run.c[i] * g_t)
         if self.time:
@@ -244,7 +268,15 @@ class _Backward:
                 dots = sum(float(slopes[j]) * (g * ks[j]).sum() for j in range(s) if slopes[j])
                 theta_bars.append((i, theta, h * dots))
             self.chain_time(record, t_n_bar, h_bar, theta_bars)
-        self.lam, self.carry_bar = lam_n.value, carry_bar
+        self.lam, self.fsal_bar = lam_n.value, fsal_bar
+
+    def stage_times(self, n: int) -> tuple[Tensor, ...] | list[Tensor]:
+        """t_n + c_i h_n of every stage of step n: views of one table built before the sweep
+        (loop.stage_time_table, bit for bit the scalar ops), else those scalar ops."""
+        if self.rows is not None:
+            return self.rows[n]
+        t_n, h = self.t_n(n), self.steps[n].h
+        return [t_n] + [t_n + c * h for c in self.run_.c[1:]]
 
     def dense_slopes(self, theta: float) -> list[float]:
         """b_i'(θ) = Σ_k P[i, k] (k + 1) θ^k."""
@@ -252,8 +284,10 @@ class _Backward:
         powers = [(k + 1) * theta**k for k in range(dense.shape[1])]
         return [float(sum(p * q for p, q in zip(row, powers))) for row in dense]
 
-    def vjp(self, t: Tensor, y: Tensor, cotangent: Tensor, key: int | None):
-        """J^T κ and P^T κ (accumulated) and ∂/∂t of <κ, f(t, y)>: one VJP of f."""
+    def vjp(self, t: Tensor, y: Tensor, cotangent: Tensor, key: int | None,
+            scale: float = 1.0):
+        """J^T κ and ∂/∂t of <κ, f(t, y)> for κ = `cotangent`, and P^T κ times `scale` added
+        to the parameters' gradients: one VJP of f."""
         with torch.enable_grad():
             y_in = y.detach().requires_grad_()
             t_in = t.detach().requires_grad_() if self.time else t
@@ -262,15 +296,31 @@ class _Backward:
             out = self.f(t_in, y_in)
             if not out.requires_grad:
                 return None, None
-            inputs = [y_in] + ([t_in] if self.time else []) + self.params
-            grads = torch.autograd.grad(out, inputs, cotangent, allow_unused=True)
-        self.add_params(grads[len(grads) - len(self.params):])
+            inputs = (y_in, t_in, *self.params) if self.time else (y_in, *self.params)
+            grads = _pullback(out, inputs, cotangent)
+        if self.params:
+            self.add_params(grads[len(grads) - len(self.params):], scale)
         return grads[0], (grads[1] if self.time else None)
 
-    def add_params(self, grads) -> None:
+    def add_params(self, grads, scale: float = 1.0) -> None:
+        """param_bars += scale * grads, in place into the sums this sweep allocated (a
+        gradient autograd hands back may alias a cotangent, so it is never written to)."""
+        bars, owned = self.param_bars, self.param_owned
+        if not grads:
+            return
+        if self.all_owned and all(g is not None for g in grads):
+            torch._foreach_add_(bars, list(grads), alpha=scale)
+            return
         for k, g in enumerate(grads):
-            if g is not None:
-                self.param_bars[k] = g if self.param_bars[k] is None else self.param_bars[k] + g
+            if g is None:
+                continue
+            if bars[k] is None:
+                bars[k], owned[k] = (g, False) if scale == 1.0 else (g * scale, True)
+            elif owned[k]:
+                bars[k].add_(g, alpha=scale)
+            else:
+                bars[k], owned[k] = torch.add(bars[k], g, alpha=scale), True
+        self.all_owned = all(owned)
 
     def chain_time(self, record, t_n_bar, h_bar, theta_bars) -> None:
         """dL/dt from dL/dt_n, dL/dh_n and dL/dθ: t_n = t[a] + offset, h_n = t[e] − t_n for a
@@ -391,6 +441,40 @@ class _Backward:
             y0 = self.problem.y0.detach().requires_grad_()
             (g,) = torch.autograd.grad(self.solver.initial_state(y0), y0, lam, allow_unused=True)
         return g
+
+
+def _pullback(out: Tensor, inputs: tuple[Tensor, ...], cotangent: Tensor) -> tuple:
+    """torch.autograd.grad(out, inputs, cotangent, allow_unused=True) straight through the
+    autograd engine: the public wrapper's argument checks (shape checks through the symbolic
+    shape machinery) cost about 50 µs a call, a quarter of a small field's VJP (CPU, torch
+    2.13). Here `cotangent` has out's shape, dtype and device by construction (f's output is
+    checked against y's once, by CountedField)."""
+    if _ENGINE is None:
+        return torch.autograd.grad(out, inputs, cotangent, allow_unused=True)
+    return _ENGINE.run_backward((out,), (cotangent,), False, False, inputs, True, False)
+
+
+# torch's engine entry point (what torch.autograd.grad calls), or None if it moves.
+_ENGINE = getattr(getattr(torch.autograd, "Variable", None), "_execution_engine", None)
+if not hasattr(_ENGINE, "run_backward"):
+    _ENGINE = None
+
+
+def _scaled_sum(terms: list[tuple[Tensor, float]]) -> tuple[Tensor, float] | None:
+    """Σ_m w_m x_m as (v, c) with the sum = c v: c the weight largest in magnitude, so v costs
+    one fused add per further term (none for one term) and its ratios are at most 1."""
+    terms = [(x, w) for x, w in terms if w != 0.0]  # (an underflowed weight adds nothing)
+    if not terms:
+        return None
+    pivot = max(range(len(terms)), key=lambda m: abs(terms[m][1]))
+    x, c = terms[pivot]
+    rest = terms[:pivot] + terms[pivot + 1:]
+    if not rest:
+        return x, c
+    v = torch.add(x, rest[0][0], alpha=rest[0][1] / c)
+    for other, w in rest[1:]:
+        v.add_(other, alpha=w / c)
+    return v, c
 
 
 def _sum(a, b):
