@@ -208,3 +208,125 @@ def test_no_callbacks_when_absent():
     b = odegrad.odeint(oscillator, y0, t, method="rk4", step_size=0.01,
                        on_accept=lambda t, y, h: None)
     torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+# -- the backward solve's hooks: adjoint_on_attempt=, adjoint_on_accept=, adjoint_on_reject= ---
+
+ADJOINT_HOOKS = ("adjoint_on_attempt", "adjoint_on_accept", "adjoint_on_reject")
+
+
+class AdjointRecorder:
+    def __init__(self):
+        self.calls = {name: [] for name in ADJOINT_HOOKS}
+
+    def options(self) -> dict:
+        return {name: (lambda t, z, h, name=name: self.calls[name].append((t, z, h)))
+                for name in self.calls}
+
+    def counts(self) -> tuple[int, int, int]:
+        return tuple(len(self.calls[name]) for name in ADJOINT_HOOKS)
+
+
+@pytest.mark.parametrize("gradient", ["backsolve", "interpolated"])
+def test_adjoint_hooks_once_per_backward_step(gradient):
+    net = _field()
+    params = list(net.parameters())
+    y0 = torch.tensor([1.0, -0.5], dtype=DT, requires_grad=True)
+    t = torch.linspace(0.0, 1.0, 3, dtype=DT)
+    recorder = AdjointRecorder()
+    # a first backward step of 2.0 is rejected
+    sol = odegrad.solve(lambda t, y: net(y), y0, t, method="dopri5", gradient=gradient,
+                        params=params, rtol=1e-8, atol=1e-10, adjoint_step_size=2.0,
+                        **recorder.options())
+    assert recorder.counts() == (0, 0, 0)  # nothing before the backward pass
+    grads = torch.autograd.grad(sol.ys.pow(2).sum(), [y0, *params])
+    stats = sol.stats
+    counts = recorder.counts()
+    assert counts == (stats["n_steps_backward"], stats["n_accepted_backward"],
+                      stats["n_rejected_backward"])
+    assert counts[2] > 0 and counts[1] > 2
+    for name in ADJOINT_HOOKS:
+        for t_n, z, h in recorder.calls[name]:
+            assert t_n.shape == () and h.shape == () and t_n.dtype == DT and h.dtype == DT
+            assert float(h) < 0  # backwards from t[-1]
+            assert len(z) == 2 + len(params)
+            assert z[0].shape == y0.shape and z[1].shape == y0.shape
+            assert [m.shape for m in z[2:]] == [p.shape for p in params]
+            assert not any(x.requires_grad for x in z)
+    # the first attempt starts at t[-1] with y(t[-1]), a = ∂L/∂y(t[-1]) and μ = 0
+    t_n, (y, a, *mu), h = recorder.calls["adjoint_on_attempt"][0]
+    assert float(t_n) == 1.0 and float(h) == -0.5  # clipped to the output interval
+    torch.testing.assert_close(y, sol.ys[-1].detach(), rtol=0, atol=0)
+    torch.testing.assert_close(a, 2 * sol.ys[-1].detach(), rtol=0, atol=0)
+    assert all(float(m.abs().max()) == 0 for m in mu)
+    # accepted steps chain back over [0, 1]; their states are at the step ends
+    accepted = recorder.calls["adjoint_on_accept"]
+    assert sum(float(h) for _, _, h in accepted) == pytest.approx(-1.0, abs=1e-12)
+    for (t_n, _, h), (t_next, _, _) in zip(accepted, accepted[1:]):
+        assert float(t_n + h) == pytest.approx(float(t_next), abs=1e-12)
+    rejected_at = {float(t_n) for t_n, _, _ in recorder.calls["adjoint_on_reject"]}
+    assert rejected_at <= {float(t_n) for t_n, _, _ in accepted}
+    _, (y_end, _, *mu_end), _ = accepted[-1]
+    torch.testing.assert_close(y_end, y0.detach(), rtol=0, atol=1e-6)  # y back at t[0]
+    for m, g in zip(mu_end, grads[1:]):  # μ at t[0] is the parameters' gradient
+        torch.testing.assert_close(m, g, rtol=0, atol=0)
+
+
+def test_adjoint_hooks_fixed_steps_and_no_double_backward():
+    y0 = torch.tensor([1.0, 0.5], dtype=DT, requires_grad=True)
+    t = torch.tensor([0.0, 1.0], dtype=DT)
+    recorder = AdjointRecorder()
+    ys = odegrad.odeint(oscillator, y0, t, method="rk4", step_size=0.1, gradient="backsolve",
+                        **recorder.options())
+    ys[-1].sum().backward()
+    assert recorder.counts() == (10, 10, 0)
+    starts = [float(t_n) for t_n, _, _ in recorder.calls["adjoint_on_attempt"]]
+    assert starts == pytest.approx([1.0 - 0.1 * k for k in range(10)], abs=1e-12)
+    assert all(float(h) == pytest.approx(-0.1, abs=1e-12)
+               for _, _, h in recorder.calls["adjoint_on_accept"])
+    # accept sees the step's end, attempt its start: the next attempt's state
+    for (_, z_end, _), (_, z_next, _) in zip(recorder.calls["adjoint_on_accept"],
+                                             recorder.calls["adjoint_on_attempt"][1:]):
+        for u, v in zip(z_end, z_next):
+            torch.testing.assert_close(u, v, rtol=0, atol=0)
+    # a backward pass with create_graph=True differentiates the forward scheme: no backward
+    # solve, no hook; differentiating its result reaches the outputs' plain backward (one
+    # backward solve) through the cotangent 2 y(1)
+    recorder2 = AdjointRecorder()
+    ys = odegrad.odeint(oscillator, y0, t, method="rk4", step_size=0.1, gradient="backsolve",
+                        **recorder2.options())
+    (g,) = torch.autograd.grad(ys[-1].pow(2).sum(), y0, create_graph=True)
+    assert recorder2.counts() == (0, 0, 0)
+    torch.autograd.grad(g.pow(2).sum(), y0)
+    assert recorder2.counts() == (10, 10, 0)
+
+
+def test_adjoint_hooks_tuple_state_and_interpolant():
+    def f(t, state):
+        x, v = state
+        return v.sum(0), -torch.cat([x, x]).reshape(2, 1)
+
+    pair = (torch.tensor([1.0], dtype=DT, requires_grad=True), torch.zeros(2, 1, dtype=DT))
+    t = torch.linspace(0.0, 1.0, 3, dtype=DT)
+    seen = []
+    ys = odegrad.odeint(f, pair, t, method="dopri5", gradient="interpolated",
+                        adjoint_on_accept=lambda t, z, h: seen.append(z))
+    (ys[0][-1].sum() + ys[1][-1].sum()).backward()
+    assert seen
+    y, a = seen[-1]  # no parameters: (y, a)
+    assert isinstance(y, tuple) and isinstance(a, tuple)
+    assert [p.shape for p in y] == [p.shape for p in a] == [(1,), (2, 1)]
+    # the interpolated adjoint's y at t[0] is the interpolant's value there: y0
+    torch.testing.assert_close(y[0], pair[0].detach(), rtol=0, atol=1e-7)
+    torch.testing.assert_close(y[1], pair[1], rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ADJOINT_HOOKS)
+def test_adjoint_hook_routing(name):
+    y0 = torch.tensor([1.0, 0.5], dtype=DT)
+    t = torch.tensor([0.0, 1.0], dtype=DT)
+    with pytest.raises(odegrad.InvalidInputError, match=name):
+        odegrad.odeint(oscillator, y0, t, gradient="backsolve", **{name: 3})
+    for gradient in ("direct", "discrete"):  # only the continuous adjoints have a backward solve
+        with pytest.raises(odegrad.UnknownNameError, match=name):
+            odegrad.odeint(oscillator, y0, t, gradient=gradient, **{name: print})

@@ -423,16 +423,25 @@ def case_callbacks():
         setattr(f, name, lambda t0, y0, dt, f=f: f.calls.append(float(dt)))
         compat.odeint(f, Y0, T2)
         assert (calls or name == "callback_reject_step") and all(dt > 0 for dt in calls)
-    for name in TORCHDIFFEQ_CALLBACKS[3:]:  # they run in torchdiffeq's backward solve
+    for name in TORCHDIFFEQ_CALLBACKS[3:]:  # they run in odeint_adjoint's backward solve
         field = Field()
-        setattr(field, name, lambda t0, y0, dt: None)
-        with pytest.raises(InvalidInputError, match=name):
-            compat.odeint_adjoint(field, Y0, T2)
+        calls = []
+        setattr(field, name, lambda t0, y0, dt, calls=calls: calls.append(float(dt)))
         compat.odeint(field, Y0, T2)  # odeint never calls the adjoint callbacks
+        y = Y0.clone().requires_grad_()
+        ys = compat.odeint_adjoint(field, y, T2, rtol=1e-9, atol=1e-9,
+                                   adjoint_options=dict(first_step=5.0))  # rejects the first
+        assert not calls
+        ys.sum().backward()
+        assert calls and all(dt > 0 for dt in calls)
     f = Counted()
     f.callback_accept_step = lambda t0, y0, dt: None
     with pytest.warns(UserWarning, match="does not support callbacks"):  # torchdiffeq's warning
         compat.odeint(f, Y0, T2, method="euler")
+    field = Field()
+    field.callback_accept_step_adjoint = lambda t0, y0, dt: None
+    with pytest.warns(UserWarning, match="Solver 'euler' does not support callbacks"):
+        compat.odeint_adjoint(field, Y0, T2, method="euler")
 
 
 CASES = {
@@ -552,6 +561,79 @@ def test_fixed_grid_adjoint_matches_torchdiffeq():
     ours, theirs = both(lambda lib: adjoint_gradient(lib, field, t=T7, method="euler",
                                                      options=options))
     assert close(ours, theirs, 0.1) and not close(ours, theirs, 1e-10)
+
+
+def _adjoint_callback_calls(library, method, t, t_grad, **kwargs):
+    """The calls of the three callback_*_adjoint methods in odeint_adjoint's backward pass."""
+    torch.manual_seed(0)
+    field = Field()
+    calls = {name: [] for name in TORCHDIFFEQ_CALLBACKS[3:]}
+    for name, seen in calls.items():
+        setattr(field, name, lambda t0, y0, dt, seen=seen: seen.append(
+            (float(t0), [v.detach().clone() for v in y0], float(dt))))
+    y = Y0.clone().requires_grad_()
+    ys = library.odeint_adjoint(field, y, t.clone().requires_grad_(t_grad), method=method,
+                                **kwargs)
+    (ys * torch.linspace(1, 2, ys.numel(), dtype=DT).view_as(ys)).sum().backward()
+    return calls
+
+
+@pytest.mark.parametrize("t_grad", [False, True])
+@pytest.mark.parametrize("decreasing", [False, True])
+def test_adjoint_callbacks_match_torchdiffeq_on_a_fixed_grid(t_grad, decreasing):
+    """torchdiffeq calls callback_step_adjoint(t0, y0, dt) once per backward grid step with its
+    augmented state (vjp_t, y, adj_y, *adj_params) and dt > 0; t0 is the user's time for
+    increasing t and its negative for decreasing t. The same grid: the same calls, y, adj_y
+    and the parameter adjoints to round-off (1e-9); vjp_t, which the shim takes from its closed form
+    where torchdiffeq integrates it, to the scheme's accuracy (exact at the first call)."""
+    t = torch.tensor([0.0, 0.4, 1.0], dtype=DT)
+    t = t.flip(0) - 0.3 if decreasing else t
+    ours, theirs = both(lambda lib: _adjoint_callback_calls(
+        lib, "rk4", t, t_grad, options=dict(step_size=0.05)))
+    ours, theirs = ours["callback_step_adjoint"], theirs["callback_step_adjoint"]
+    assert len(ours) == len(theirs) == 20
+    for (t_a, z_a, dt_a), (t_b, z_b, dt_b) in zip(ours, theirs):
+        assert t_a == pytest.approx(t_b, abs=1e-12) and dt_a == pytest.approx(dt_b, abs=1e-12)
+        assert dt_a > 0
+        assert [v.shape for v in z_a] == [v.shape for v in z_b]
+        for u, v in zip(z_a[1:], z_b[1:]):  # grids differ by round-off for decreasing t
+            assert close(u, v, 1e-9)
+        assert close(z_a[0], z_b[0], 1e-7)
+    assert close(ours[0][1][0], theirs[0][1][0], 1e-14)
+    assert ours[0][0] == pytest.approx(-float(t[-1]) if decreasing else float(t[-1]))
+
+
+def test_adjoint_callbacks_adaptive_protocol():
+    """dopri5: callback_step_adjoint before each backward attempt, then accept or reject with
+    the attempt's (t0, y0, dt); at the start of each output interval, the state equals
+    torchdiffeq's to the tolerance (the step sequences differ with the controllers)."""
+    t = torch.tensor([0.0, 0.4, 1.0], dtype=DT)
+    ours, theirs = both(lambda lib: _adjoint_callback_calls(
+        lib, "dopri5", t, False, rtol=1e-10, atol=1e-10,
+        adjoint_options=dict(first_step=0.6)))
+    for calls in (ours, theirs):
+        steps, accepted, rejected = calls.values()
+        assert len(steps) == len(accepted) + len(rejected) and rejected
+        for t0, _, dt in accepted + rejected:
+            assert any(t0 == s[0] and dt == s[2] for s in steps)
+
+    def at(calls, value):
+        return next(z for t0, z, _ in calls["callback_step_adjoint"] if t0 == value)
+
+    for value in (1.0, 0.4):
+        for u, v in zip(at(ours, value), at(theirs, value)):
+            assert close(u, v, 1e-6)
+
+
+def test_adjoint_callbacks_with_scipy_forward():
+    """A scipy_solver forward with the shim's dopri5 backward: torchdiffeq's own adjoint, whose
+    augmented state the callbacks get as it is."""
+    pytest.importorskip("scipy")
+    calls = _adjoint_callback_calls(compat, "scipy_solver", T2, False, adjoint_method="dopri5",
+                                    options=dict(solver="RK45"), adjoint_options={})
+    steps, accepted, rejected = calls.values()
+    assert steps and len(steps) == len(accepted) + len(rejected)
+    assert [v.shape for v in steps[0][1]] == [(), (2,), (2,), (2, 2), (2,)]
 
 
 def test_the_schemes_odegrad_gained_are_torchdiffeqs():

@@ -252,9 +252,14 @@ def test_callbacks_euler_and_tuple():
     assert seen["step"] and all(kind is tuple for kind in seen["step"])
 
 
-def test_adjoint_callbacks_still_refused():
+def test_adjoint_callbacks_are_called_by_the_backward_solve():
+    """callback_step_adjoint is honoured now (tests/test_compat.py compares its arguments with
+    torchdiffeq's): called once per backward step, never by the forward solve."""
+    calls = []
     field = Wrapped(torch.nn.Linear(2, 2))
-    field.callback_step_adjoint = lambda t0, y0, dt: None
-    with pytest.raises(compat.InvalidInputError if hasattr(compat, "InvalidInputError")
-                       else Exception, match="callback_step_adjoint"):
-        compat.odeint_adjoint(field, torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]))
+    field.callback_step_adjoint = lambda t0, y0, dt: calls.append(float(t0))
+    ys = compat.odeint_adjoint(field, torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]),
+                               method="rk4", options=dict(step_size=0.25))
+    assert calls == []
+    ys[-1].sum().backward()
+    assert len(calls) == 4 and calls == sorted(calls, reverse=True)

@@ -14,7 +14,9 @@ Options: adjoint_method (any method name; default the forward's), adjoint_rtol, 
 (default the forward's), adjoint_step_size (the step of a fixed-step backward solve, default
 the forward's step_size; the first step of an adaptive one, default the forward's last accepted
 step), adjoint_norm ("seminorm", the default, or "full": the max over blocks of the RMS norm,
-y and a with the forward's norm).
+y and a with the forward's norm), and the backward solve's step hooks adjoint_on_attempt,
+adjoint_on_accept, adjoint_on_reject, each called (t, (y, a, *μ), h) per backward step attempt,
+accepted step, rejected attempt (continuous.BackwardHooks).
 """
 
 from __future__ import annotations

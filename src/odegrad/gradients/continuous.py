@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -38,7 +38,9 @@ from ..solvers import make_solver
 from ..solvers.base import Solver
 from .second_order import differentiable_backward
 
-OPTIONS = ("adjoint_method", "adjoint_rtol", "adjoint_atol", "adjoint_step_size", "adjoint_norm")
+ADJOINT_HOOKS = ("adjoint_on_attempt", "adjoint_on_accept", "adjoint_on_reject")
+OPTIONS = ("adjoint_method", "adjoint_rtol", "adjoint_atol", "adjoint_step_size", "adjoint_norm",
+           *ADJOINT_HOOKS)
 NORMS = ("seminorm", "full")
 
 
@@ -53,6 +55,7 @@ class AdjointSettings:
     adaptive: bool
     seminorm: bool
     max_steps: int
+    hooks: dict = field(default_factory=dict)  # adjoint_on_* name -> the user's callable
 
 
 def adjoint_settings(
@@ -62,6 +65,9 @@ def adjoint_settings(
     adjoint_atol: float | Tensor | None = None,
     adjoint_step_size: float | None = None,
     adjoint_norm: str = "seminorm",
+    adjoint_on_attempt: Callable | None = None,
+    adjoint_on_accept: Callable | None = None,
+    adjoint_on_reject: Callable | None = None,
     *,
     interpolant: bool = False,
 ) -> AdjointSettings:
@@ -73,7 +79,17 @@ def adjoint_settings(
     known only on [t_0, T]) the backward scheme's stages must lie inside its steps: a scheme
     with a stage node c outside [0, 1] (kvaerno5: c = 1.23) is refused when asked for and, when
     it is only the forward's method, replaced by kvaerno3 (same family, every c in [0, 1]).
+
+    `adjoint_on_attempt`, `adjoint_on_accept`, `adjoint_on_reject`: step hooks of the backward
+    solve (see `BackwardHooks`).
     """
+    hooks = {name: value for name, value in zip(ADJOINT_HOOKS, (
+        adjoint_on_attempt, adjoint_on_accept, adjoint_on_reject)) if value is not None}
+    for name, value in hooks.items():
+        if not callable(value):
+            raise InvalidInputError(
+                f"{name}= must be a callable (t, z, h) or None, got {type(value).__name__}"
+            )
     if adjoint_norm not in NORMS:
         raise InvalidInputError(
             f"adjoint_norm must be one of {', '.join(map(repr, NORMS))}, got {adjoint_norm!r}"
@@ -122,7 +138,7 @@ def adjoint_settings(
             problem.atol if adjoint_atol is None else adjoint_atol, "adjoint_atol"
         ),
         step_size=step_size, adaptive=adaptive, seminorm=adjoint_norm == "seminorm",
-        max_steps=problem.max_steps,
+        max_steps=problem.max_steps, hooks=hooks,
     )
 
 
@@ -248,6 +264,50 @@ class AugmentedField:
         return out
 
 
+class BackwardHooks:
+    """The backward solve's step hooks (backsolve's and interpolated's options
+    `adjoint_on_attempt`, `adjoint_on_accept`, `adjoint_on_reject`), the counterparts of solve's
+    on_attempt / on_accept / on_reject for the adjoint's own steps.
+
+    Each is called as hook(t, z, h): `adjoint_on_attempt` before each step attempt of the
+    backward solve (t_n, z_n, h), `adjoint_on_accept` after each accepted step (t_n, z_{n+1},
+    h_n: the state at the step's end, as on_accept), `adjoint_on_reject` after each rejected
+    attempt (t_n, z_n, the rejected h); once per count in stats n_steps_backward,
+    n_accepted_backward, n_rejected_backward. t and h are 0-dim tensors of t's dtype, h signed
+    in the backward direction (negative when the forward t increases). z = (y, a, *μ), detached
+    copies: y(t) (backsolve: the re-solved state; interpolated: the interpolant's value), the
+    adjoint a(t) = ∂L/∂y(t) (both in the user's view: tuples for a tuple state), and one
+    tensor per parameter, μ_k = the part of ∂L/∂θ_k gathered from t to the last output time.
+    The return value is ignored. No hook runs in a double backward (create_graph=True), which
+    differentiates the forward scheme and has no backward solve.
+    """
+
+    def __init__(self, problem: Problem, layout: Layout, hooks: dict,
+                 y_of: Callable[[Tensor], Tensor] | None):
+        self.view, self.layout, self.y_of = problem.state_view, layout, y_of
+        self.hooks = hooks
+
+    def options(self) -> dict:
+        """The loop's on_attempt / on_accept / on_reject calling the user's hooks."""
+        return {name[len("adjoint_"):]: self._hook(user, name == "adjoint_on_accept")
+                for name, user in self.hooks.items()}
+
+    def _hook(self, user: Callable, at_end: bool) -> Callable:
+        def hook(t: Tensor, z: Tensor, h: float) -> None:
+            parts = [p.detach().clone() for p in self.layout.unpack(z)]
+            if self.y_of is None:
+                y, a, mu = parts[0], parts[1], parts[2:]
+            else:
+                s = t.detach() + h if at_end else t.detach()
+                y, a, mu = self.y_of(s).detach().clone(), parts[0], parts[1:]
+            if self.view is not None:
+                y, a = self.view(y), self.view(a)
+            user(t.detach().clone(), (y, a, *mu),
+                 torch.full((), h, dtype=t.dtype, device=t.device))
+
+        return hook
+
+
 def backward_with_graph(problem: Problem, grad_ys: Tensor, needs) -> list[Tensor | None]:
     """Double backward (create_graph=True): the gradients w.r.t. (y0, t, *params) as direct
     gives them through the forward scheme, differentiable (gradients/second_order.py)."""
@@ -288,11 +348,14 @@ def sweep(
         field = AugmentedField(problem, layout, None if interpolant is None else interpolant(i - 1))
         interval = torch.stack([t[i], t[i - 1]])
         local: dict = {}
+        hooks = {}
+        if settings.hooks:
+            hooks = BackwardHooks(problem, layout, settings.hooks, field.y_of).options()
         try:
             outputs, trajectory = integrate(
                 field, layout.pack(head + [a] + mu), interval, settings.solver, rtol=rtol,
                 atol=atol, step_size=step_size, adaptive=settings.adaptive,
-                max_steps=settings.max_steps, norm=norm, stats=local,
+                max_steps=settings.max_steps, norm=norm, stats=local, **hooks,
             )
         except NonFiniteError as error:
             raise NonFiniteError(

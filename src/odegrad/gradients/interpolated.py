@@ -16,7 +16,8 @@ the interpolant's error from its Chebyshev tail, in units of the tolerance; abov
 RuntimeWarning suggests more nodes (or more output times).
 Memory: (n_nodes − 2)·d per interval besides the outputs. Options: n_nodes, and those of
 "backsolve" (adjoint_method, adjoint_rtol, adjoint_atol, adjoint_step_size, adjoint_norm;
-the seminorm leaves μ out of the error norm).
+the seminorm leaves μ out of the error norm; the step hooks adjoint_on_attempt,
+adjoint_on_accept, adjoint_on_reject, whose y is the interpolant's value).
 """
 
 from __future__ import annotations

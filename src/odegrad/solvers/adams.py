@@ -20,6 +20,13 @@ follow from the actual nodes, so the order holds on any grid (torchdiffeq keeps 
 constants there: docs/torchdiffeq_suite.md). The history (f values, their times and the
 spans t_{n+1} − t_{n-j}) lives in the carry, so the discrete adjoint replays a step with it.
 A step whose corrector does not converge warns and, as in torchdiffeq, drops its oldest value.
+
+`perturb=True` (torchdiffeq's option of that name): f is evaluated one ulp inside each step at
+its ends, at t_n moved towards t_{n+1} (the history's value f_n, and the start-up step's first
+stage) and at t_{n+1} moved towards t_n (the corrector, the start-up step's last stage), so
+an f that jumps at the step ends sees, in each step, only its values inside; the history is
+kept across the steps (as torchdiffeq's fixed_adams), so the polynomial through it still
+spans the jumps of earlier steps.
 """
 
 from __future__ import annotations
@@ -104,7 +111,8 @@ class AdamsMultistep(Solver):
 
     takes_stage_times = False
 
-    def __init__(self, name: str, max_order: int, corrector: bool, max_iters: int = 4):
+    def __init__(self, name: str, max_order: int, corrector: bool, max_iters: int = 4,
+                 perturb: bool = False):
         lowest = _START_VALUES + (1 if corrector else 0)
         if isinstance(max_order, bool) or not isinstance(max_order, int) or not (
                 lowest <= max_order <= MAX_ORDER):
@@ -116,7 +124,11 @@ class AdamsMultistep(Solver):
         if isinstance(max_iters, bool) or not isinstance(max_iters, int) or max_iters < 1:
             raise InvalidInputError(
                 f"method {name!r}: max_iters must be a positive int, got {max_iters!r}")
+        if not isinstance(perturb, bool):
+            raise InvalidInputError(f"method {name!r}: perturb must be True or False, got "
+                                    f"{perturb!r}")
         self.name, self.max_order, self.corrector = name, max_order, corrector
+        self.perturb = perturb
         self.max_iters = max_iters
         # The ramp's first Adams step has order 3 (AB3, or AB3 + AM4: local errors O(h^4),
         # O(h^5)), which bounds the global order at 4 (AB) and 5 (with the corrector).
@@ -137,15 +149,20 @@ class AdamsMultistep(Solver):
     def step(self, f: VectorField, t: Tensor, h: Scalar, y: Tensor, carry: Carry) -> Step:
         past_f, past_t, spans = carry
         h_value = float(h.detach()) if isinstance(h, Tensor) else float(h)
-        f0 = f(t, y)
+        f_end = f
+        if self.perturb:
+            f_end = _NudgedEnd(f, t, h)
+            f0 = f(_inside(t, t + h), y)
+        else:
+            f0 = f(t, y)
         fs = ((f0,) + past_f)[:self.history]
         ts = ((t,) + past_t)[:self.history]
         spans = ((0.0,) + spans)[:self.history]
         if len(fs) < _START_VALUES:
-            start = self._start.step(f, t, h, y, f0)
+            start = self._start.step(f_end, t, h, y, f0)
             y_next, dense = start.y, ("rk", start.dense)
         else:
-            y_next, dense, converged = self._adams(f, t, h, h_value, y, fs, ts, spans)
+            y_next, dense, converged = self._adams(f_end, t, h, h_value, y, fs, ts, spans)
             if not converged:
                 fs, ts, spans = fs[:-1], ts[:-1], spans[:-1]
         carry_next = (fs, ts, tuple(h_value + s for s in spans))
@@ -213,13 +230,36 @@ class AdamsMultistep(Solver):
         return axpy_sum(y, h, weights, list(values))
 
 
-def _adams_bashforth(max_order: int = 4) -> AdamsMultistep:
-    return AdamsMultistep("adams_bashforth", max_order, corrector=False)
+def _inside(point: Tensor, towards) -> Tensor:
+    """`point` moved one ulp towards `towards` (its gradient w.r.t. point kept)."""
+    towards = towards.detach() if isinstance(towards, Tensor) else torch.as_tensor(
+        towards, dtype=point.dtype, device=point.device)
+    return point + (torch.nextafter(point.detach(), towards.to(point.dtype)) - point).detach()
 
 
-def _adams_bashforth_moulton(max_order: int = 4, max_iters: int = 4) -> AdamsMultistep:
+class _NudgedEnd:
+    """f with an evaluation at the step's end t + h moved one ulp back into the step."""
+
+    def __init__(self, f: VectorField, t: Tensor, h: Scalar):
+        self.f, self.t = f, t
+        self.end = t + h
+        end = float(self.end.detach())
+        self.value, self.tol = end, 8 * torch.finfo(t.dtype).eps * max(abs(end), 1e-30)
+
+    def __call__(self, s: Tensor, y: Tensor) -> Tensor:
+        if abs(float(s.detach()) - self.value) <= self.tol:
+            s = _inside(s, self.t)
+        return self.f(s, y)
+
+
+def _adams_bashforth(max_order: int = 4, perturb: bool = False) -> AdamsMultistep:
+    return AdamsMultistep("adams_bashforth", max_order, corrector=False, perturb=perturb)
+
+
+def _adams_bashforth_moulton(max_order: int = 4, max_iters: int = 4,
+                             perturb: bool = False) -> AdamsMultistep:
     return AdamsMultistep("adams_bashforth_moulton", max_order, corrector=True,
-                          max_iters=max_iters)
+                          max_iters=max_iters, perturb=perturb)
 
 
 register_solver("adams_bashforth", _adams_bashforth)

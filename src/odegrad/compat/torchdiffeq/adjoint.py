@@ -79,7 +79,10 @@ def odeint_adjoint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=No
         atol if adjoint_atol is None else adjoint_atol,
         adjoint_method, dict(adjoint_options),
     )
-    out = problem.finish(problem.solve("backsolve", dict(adjoint, params=params)))
+    raw = problem.solve("backsolve", dict(adjoint, params=params))
+    if problem.adjoint_callbacks is not None:
+        raw = problem.adjoint_callbacks.record(problem, raw)
+    out = problem.finish(raw)
     if event_fn is None or len(problem.t) == 1:
         return out
     event_t, ys = out
@@ -106,7 +109,7 @@ def _scipy_adjoint(problem, params, rtol, atol, name, options):
     """odeint_adjoint where the forward or the backward solve is scipy_solver: torchdiffeq's
     OdeintAdjointMethod (scipy_solver.Adjoint), the other solve by the shim's own solver."""
     cls, family, _, _ = resolve(name, "adjoint_method")
-    _check_callbacks(problem.user_func, name, family, "_adjoint")
+    names = _check_callbacks(problem.user_func, name, family, "_adjoint")
     n_aug = 1 + 2 * problem.y0.numel() + sum(p.numel() for p in params)
     if family == "scipy":
         scipy_solver.check_options(options, "adjoint_options")
@@ -116,7 +119,7 @@ def _scipy_adjoint(problem, params, rtol, atol, name, options):
         scipy_solver.tolerance(atol, n_aug, "adjoint_atol")
         interval = scipy_solver.scipy_interval(rtol, atol, kwargs)
     else:
-        interval = _shim_interval(problem, params, rtol, atol, name, options)
+        interval = _shim_interval(problem, params, rtol, atol, name, options, names)
     if problem.family == "scipy":
         def forward():
             if len(problem.t) == 1:
@@ -130,11 +133,13 @@ def _scipy_adjoint(problem, params, rtol, atol, name, options):
     return run.apply(problem.t, problem.y0, params)
 
 
-def _shim_interval(problem, params, rtol, atol, name, options):
+def _shim_interval(problem, params, rtol, atol, name, options, callbacks=()):
     """The augmented backward solve over one interval by the shim's odeint (adjoint_method
     not scipy_solver, the forward scipy_solver), with torchdiffeq's adjoint norm: the max of
     |time adjoint|, the state norm of y and of its adjoint, and (unless "seminorm") the RMS of
-    each parameter's adjoint."""
+    each parameter's adjoint. `callbacks`: the names of func's callback_*_adjoint methods that
+    the backward solve calls, with torchdiffeq's augmented state (the shim's forward step
+    callbacks on the augmented field, as torchdiffeq's backward odeint calls them)."""
     norm = options.pop("norm", None)
     if callable(norm) or not (norm is None or norm == "seminorm"):
         raise InvalidInputError(
@@ -160,6 +165,8 @@ def _shim_interval(problem, params, rtol, atol, name, options):
              name, options, None)  # the adjoint options checked now, not in backward
 
     def interval(g, parts, ts):
+        if callbacks:
+            g = _WithCallbacks(g, problem.user_func, callbacks)
         sub = _Problem(g, parts, ts, rtol, atol, name, options, None)
         return tuple(y[1] for y in sub.unflatten(sub.solve("direct", {})))
 
@@ -172,7 +179,8 @@ def adjoint_settings(problem, rtol, atol, method, options) -> dict:
     cls, family, og_method, fixed_mode = resolve(name, "adjoint_method")
     norm = options.pop("norm", None)
     options = _sort_options(cls, family, options, "adjoint_options")
-    _check_callbacks(problem.user_func, name, family, "_adjoint")
+    names = _check_callbacks(problem.user_func, name, family, "_adjoint")
+    problem.adjoint_callbacks = AdjointCallbacks(problem, names) if names else None
     settings = {"adjoint_rtol": _tolerance(rtol, problem.shapes, "adjoint_rtol"),
                 "adjoint_atol": _tolerance(atol, problem.shapes, "adjoint_atol")}
     if fixed_mode and (og_method != problem.og_method or not problem.fixed_mode):
@@ -182,7 +190,8 @@ def adjoint_settings(problem, rtol, atol, method, options) -> dict:
         )
     if family == "adams":  # the backward solve runs the forward's solver (its max_order, ...)
         og_method, adams_options = adams_method(name, options, "adjoint_options")
-        if (og_method, adams_options) != (problem.og_method, problem.method_options):
+        forward = {k: v for k, v in problem.method_options.items() if k != "perturb"}
+        if (og_method, adams_options) != (problem.og_method, forward):
             raise InvalidInputError(
                 f"adjoint_method={name!r} with adjoint_options {options}: odegrad's backward "
                 f"solve runs an Adams method only as the forward's {problem.name!r} with the "
@@ -190,6 +199,8 @@ def adjoint_settings(problem, rtol, atol, method, options) -> dict:
             )
     if og_method != problem.og_method or fixed_mode != problem.fixed_mode:
         settings["adjoint_method"] = og_method
+    if problem.adjoint_callbacks is not None:
+        settings.update(problem.adjoint_callbacks.options())
     if family == "adaptive":
         settings.update(_adaptive_adjoint(problem, options, norm))
     else:
@@ -263,3 +274,104 @@ def _fixed_adjoint(problem, options, name) -> dict:
     # Without either: one backward step per interval between the forward solve's stops
     # (set per solve, where those are known).
     return settings
+
+
+class _WithCallbacks:
+    """The augmented field of a backward solve carrying func's callback_*_adjoint methods under
+    the forward names, as torchdiffeq's augmented_dynamics does."""
+
+    def __init__(self, g, func, names):
+        self.g = g
+        for callback in names:
+            setattr(self, callback, getattr(func, callback + "_adjoint"))
+
+    def __call__(self, t, y):
+        return self.g(t, y)
+
+
+class AdjointCallbacks:
+    """func's callback_step_adjoint / callback_accept_step_adjoint /
+    callback_reject_step_adjoint, called from odegrad's backward solve (backsolve's
+    adjoint_on_attempt / adjoint_on_accept / adjoint_on_reject) with torchdiffeq's arguments:
+
+    - t0: the step's start in the time of torchdiffeq's backward odeint: the user's time for
+      increasing t, its negative for decreasing t (torchdiffeq integrates those in negated time
+      and its backward odeint negates once more);
+    - y0: torchdiffeq's augmented state (vjp_t, y, adj_y, *adj_params) at the step's start, y
+      and adj_y flat as in torchdiffeq (adj_y = ∂L/∂y, adj_params the parameter gradients
+      gathered so far); accept gets the start state of the accepted attempt, as torchdiffeq;
+    - dt: the positive step size.
+
+    torchdiffeq integrates the time adjoint vjp_t alongside; odegrad does not (its time
+    gradient is a closed form), so vjp_t is its exact value along the solution: since
+    d(a^T f)/dt = a^T ∂f/∂t on the adjoint's trajectory, vjp_t(t) = c − a(t)^T f(t, y(t)) in
+    torchdiffeq's time, c = 0 when t requires grad and otherwise the sum of g_j^T f(t_j, y_j)
+    over the output times t_j from t to the end (g_j the cotangent of y(t_j)). It agrees with
+    torchdiffeq's integrated value to the solves' accuracy and costs one evaluation of f per
+    callback (and one per output time when t does not require grad).
+    """
+
+    def __init__(self, problem, names):
+        self.func, self.names, self.field = problem.user_func, names, problem.func
+        self.sign = -1.0 if len(problem.t) > 1 and bool(problem.t[0] > problem.t[-1]) else 1.0
+        self.t_grad = problem.t.requires_grad
+        self.times, self.ys, self.grads, self.terms = None, None, None, None
+        self.start = None
+
+    def options(self) -> dict:
+        hooks = {"adjoint_on_attempt": self._attempt}
+        if "callback_accept_step" in self.names:
+            hooks["adjoint_on_accept"] = lambda t, z, h: self.func.callback_accept_step_adjoint(
+                *self.start)
+        if "callback_reject_step" in self.names:
+            hooks["adjoint_on_reject"] = lambda t, z, h: self.func.callback_reject_step_adjoint(
+                *self._args(t, z, h))
+        return hooks
+
+    def _attempt(self, t, z, h):
+        self.start = self._args(t, z, h)
+        if "callback_step" in self.names:
+            self.func.callback_step_adjoint(*self.start)
+
+    def _args(self, t, z, h):
+        y, a, *mu = z
+        with torch.no_grad():
+            vjp_t = -self.sign * (a * self.field(t, y)).sum()
+            if not self.t_grad:
+                vjp_t = vjp_t + self._after(float(t))
+        return self.sign * t, (vjp_t.to(y.dtype), y, a, *mu), h.abs()
+
+    def _after(self, value):
+        """sign · Σ g_j^T f(t_j, y_j) over the output times t_j at or after `value`."""
+        if self.grads is None:
+            return 0.0
+        if self.terms is None:
+            self.terms = [float((g * self.field(s, y)).sum())
+                          for s, y, g in zip(self.times, self.ys, self.grads)]
+        tol = 8 * torch.finfo(self.ys.dtype).eps * max(abs(value), 1.0)
+        direction = self.sign  # +1: t increases
+        return self.sign * sum(term for s, term in zip(self.times.tolist(), self.terms)
+                               if direction * (s - value) >= -tol)
+
+    def record(self, problem, raw):
+        """The forward result with the outputs' cotangents recorded (for vjp_t) when the
+        backward pass reaches them, before odegrad's backward solve runs."""
+        if isinstance(raw, tuple):  # (event_t, ys)
+            event_t, ys = raw
+            times = torch.stack([problem.t_y[0].detach(), event_t.detach().to(problem.t_y)])
+            return event_t, _Record.apply(self, times, ys)
+        return _Record.apply(self, problem.t_y.detach(), raw)
+
+
+class _Record(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, callbacks, times, ys):
+        ctx.callbacks = callbacks
+        callbacks.times, callbacks.ys = times, ys.detach()
+        return ys.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        callbacks = ctx.callbacks
+        callbacks.grads, callbacks.terms = grad.detach(), None
+        return None, None, grad

@@ -165,18 +165,11 @@ def _tolerance(value, shapes, name):
 
 def _check_callbacks(func, method, family, suffix):
     """Step callbacks: returns the names (without suffix) of those torchdiffeq's solver would
-    call, the others are ignored with torchdiffeq's warning. The adjoint variants (suffix
-    "_adjoint") run in torchdiffeq's backward solve; odegrad's step hooks run in forward solves
-    only, so those raise."""
+    call; the others are ignored with torchdiffeq's warning. The adjoint variants (suffix
+    "_adjoint") are those the backward solve of odeint_adjoint calls (adjoint.AdjointCallbacks);
+    torchdiffeq warns about them when the backward pass runs, the shim when it is set up."""
     present = {name for name in _CALLBACKS if hasattr(func, name + suffix)}
     callable_here = present & _VALID_CALLBACKS[family]
-    if callable_here and suffix:
-        names = ", ".join(sorted(f"func.{name}{suffix}" for name in callable_here))
-        raise InvalidInputError(
-            f"{names}: adjoint step callbacks are not supported by odegrad (its step hooks run "
-            f"in forward solves only, not in the backward solve); torchdiffeq's {method!r} "
-            "would call them"
-        )
     invalid = present - _VALID_CALLBACKS[family]
     if invalid:
         warnings.warn(f"Solver '{method}' does not support callbacks {invalid}", stacklevel=4)

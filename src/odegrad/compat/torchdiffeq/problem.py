@@ -81,7 +81,7 @@ class _Problem:
                     "event handling (integrate_until_event)"
                 )
         self.adaptive = self.family == "adaptive"
-        self.adjoint_step, self.adjoint_grid = None, None
+        self.adjoint_step, self.adjoint_grid, self.adjoint_callbacks = None, None, None
         self.boundaries, self.perturb, self.control = {}, False, {}
         if self.family == "scipy":  # solve_ivp's keywords (scipy_solver.py)
             self.scipy, self.norm = scipy_solver.settings(self.options, "options"), None
@@ -91,14 +91,14 @@ class _Problem:
         else:
             self._read_fixed_options()
         self.method_options = {}
+        # Adams with perturb: one solve through the grid, the Adams solver evaluating f one
+        # ulp inside each step at its ends (its option perturb), so the history is kept.
+        self.multistep = False
         if self.family == "adams":
             self.og_method, self.method_options = adams_method(self.name, self.options)
-            if self.perturb:
-                raise InvalidInputError(
-                    f"options['perturb']=True with method {self.name!r}: the shim perturbs f's "
-                    "time by restarting the solve at every grid point, which would restart the "
-                    "Adams history; use perturb with a one-step method (euler, rk4, ...)"
-                )
+            self.multistep = self.og_method != "rk4_38"  # max_order < 4: torchdiffeq's RK4
+            if self.perturb and self.multistep:
+                self.method_options["perturb"] = True
 
     # -- options ---------------------------------------------------------------------------
 
@@ -242,14 +242,16 @@ class _Problem:
         t_values = self.t.detach().cpu().tolist()
         on_grid = set(t_values) <= set(times)
         steps_on_grid = self.adjoint_grid_matches(grid, times)
-        native = (self.grid_constructor is None and not self.perturb and on_grid
-                  and not steps_on_grid)
+        # An Adams solver perturbs f's time itself (its option perturb): no restarts needed.
+        own_perturb = not self.perturb or self.multistep
+        native = self.grid_constructor is None and own_perturb and on_grid and not steps_on_grid
         fixed_kwargs = {"adaptive": False} if self.fixed_mode else {}
+        func = self._func_inside()
         if native and self.step_size is None and not self.fixed_mode:
-            return self._call(self.func, self.y0, self.t_y)
+            return self._call(func, self.y0, self.t_y)
         if native and self.step_size is not None and (
                 fixed_step_count(self.t_y, self.step_size) == len(times) - 1):
-            return self._call(self.func, self.y0, self.t_y, step_size=self.step_size,
+            return self._call(func, self.y0, self.t_y, step_size=self.step_size,
                               **fixed_kwargs)
         # Through the grid itself: one step per grid interval, outputs interpolated.
         grid_y = grid.to(self.y0.dtype)
@@ -258,8 +260,8 @@ class _Problem:
         # With the forward's step size (or none), the backward solve steps on the forward grid
         # reversed: one step per grid interval.
         kwargs = {"one_backward_step": self.adjoint_step in (None, self.step_size)}
-        if not self.perturb and not self.fixed_mode:
-            values = list(self._call(self.func, self.y0, grid_y, **kwargs).unbind(0))
+        if own_perturb and not self.fixed_mode:
+            values = list(self._call(func, self.y0, grid_y, **kwargs).unbind(0))
         else:
             points = list(zip(times, grid_y.unbind(0)))
             index = list(range(len(points)))
@@ -268,6 +270,16 @@ class _Problem:
             values = self._chain(points, index, set(index) if self.perturb else set(),
                                  **kwargs)
         return self._interpolate(grid, times, values, t_values)
+
+    def _func_inside(self, ts=None):
+        """f for a solve from ts[0] to ts[-1] (default: t) by an Adams solver with perturb:
+        f's time moved one ulp inside at both ends, so that no evaluation outside the solver
+        (odegrad's probe of f at t0 for the gradient methods) reads f at the ends, as in
+        torchdiffeq; the solver's own evaluations there are inside already. Else f itself."""
+        if not (self.perturb and self.multistep):
+            return self.func
+        ts = self.t_y if ts is None else ts
+        return _Nudged(self.func, ts[0], ts[-1], True, True)
 
     def _grid(self) -> torch.Tensor:
         """The time grid of torchdiffeq's FixedGridODESolver, in t's dtype (differentiable)."""
@@ -449,8 +461,8 @@ class _Problem:
         """y at every point of a fixed grid (one step per interval), from y at grid_y[0]."""
         kwargs = {"one_backward_step": self.adjoint_step in (None, self.step_size),
                   "hooks": False, **hooks}
-        if not self.perturb and not self.fixed_mode:
-            return list(self._call(self.func, y, grid_y, **kwargs).unbind(0))
+        if (not self.perturb or self.multistep) and not self.fixed_mode:
+            return list(self._call(self._func_inside(grid_y), y, grid_y, **kwargs).unbind(0))
         points = list(zip(grid_y.detach().cpu().tolist(), grid_y.unbind(0)))
         index = list(range(len(points)))
         if self.fixed_mode:
