@@ -94,12 +94,12 @@ class GridBrownian:
         return self.w[self._index(tb)] - self.w[self._index(ta)]
 
 
-def _problem(args, dtype):
+def _problem(args, dtype, device: str = "cpu"):
     torch.manual_seed(0)
-    model = NeuralSDE(args.dim, args.width).to(dtype)
-    y0 = (0.5 * torch.randn(args.batch, args.dim)).to(dtype).requires_grad_()
-    t = torch.linspace(0, 1, 9, dtype=dtype)
-    return model, y0, t
+    model = NeuralSDE(args.dim, args.width).to(dtype=dtype, device=device)
+    y0 = (0.5 * torch.randn(args.batch, args.dim)).to(dtype=dtype, device=device)
+    t = torch.linspace(0, 1, 9, dtype=dtype, device=device)
+    return model, y0.requires_grad_(), t
 
 
 def _solve(config: str, model: NeuralSDE, y0, t, steps: int, bm, seed: int):
@@ -142,18 +142,29 @@ def run_one(args) -> dict:
         reference = _flat(_direct_same_scheme(library, method, model64, y064, t64, steps, bm64))
         return {"config": config, "steps": steps,
                 "relative_error": float((measured - reference).norm() / reference.norm())}
-    model, y0, t = _problem(args, torch.float32)
+    model, y0, t = _problem(args, torch.float32, args.device)
+    cuda = args.device == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     _gradient(config, model, y0, t, max(2, steps // 100), None)  # warm-up on a short grid
     setup_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if cuda:
+        sync()
+        torch.cuda.reset_peak_memory_stats()
+        allocated = torch.cuda.memory_allocated()
     times = []
     for r in range(args.repeats):
+        sync()
         start = time.perf_counter()
         _gradient(config, model, y0, t, steps, None, seed=r)
+        sync()
         times.append(time.perf_counter() - start)
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"config": config, "steps": steps, "time_s": statistics.median(times),
-            "times_s": times, "peak_rss_mib": peak_kib / 1024,
-            "solve_rss_mib": (peak_kib - setup_kib) / 1024}
+    result = {"config": config, "steps": steps, "time_s": statistics.median(times),
+              "times_s": times, "peak_rss_mib": peak_kib / 1024,
+              "solve_rss_mib": (peak_kib - setup_kib) / 1024}
+    if cuda:  # the solve's own device memory: the peak above what was allocated before it
+        result["solve_rss_mib"] = (torch.cuda.max_memory_allocated() - allocated) / 2**20
+    return result
 
 
 def _direct_same_scheme(library, method, model, y0, t, steps, bm):
@@ -180,6 +191,8 @@ def main(argv=None) -> int:
     parser.add_argument("--error-steps", type=int, nargs="+", default=[128],
                         help="step counts of the gradient-error runs")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="timing runs' device (cuda: memory is max_memory_allocated)")
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--json", default=None, help="write every result here")
     parser.add_argument("--config", default=None, help=argparse.SUPPRESS)
@@ -190,7 +203,7 @@ def main(argv=None) -> int:
         print(json.dumps(run_one(args)))
         return 0
     common = ["--dim", str(args.dim), "--width", str(args.width), "--batch", str(args.batch),
-              "--repeats", str(args.repeats)]
+              "--repeats", str(args.repeats), "--device", args.device]
     results = []
     jobs = [(c, s, "time") for s in args.steps for c in args.configs]
     jobs += [(c, s, "error") for s in args.error_steps for c in args.configs]

@@ -165,3 +165,42 @@ def test_bad_inputs_raise():
         odegrad.cdeint(Field(), X, z0, t[[0, 0, 1]])
     with pytest.raises(InvalidInputError, match="dtype"):
         odegrad.cdeint(Field(), X, z0.float(), t)
+
+
+def test_float32_evenly_spaced_knots_take_one_solve_of_the_gap():
+    """A float32 linspace's gaps differ by ulps; it still counts as evenly spaced, so a cubic
+    path is one solve with fixed steps of the gap that keeps only the requested outputs (the
+    model passes step_size=None explicitly), equal to the solve with outputs at every knot."""
+    from odegrad.cde import _uniform_spacing
+
+    length = 128
+    grid = torch.linspace(0, 1, length)
+    assert _uniform_spacing(grid) == pytest.approx(1 / (length - 1), rel=1e-6)
+    assert _uniform_spacing(torch.cat([grid[:5], grid[5:] + 1e-4])) is None
+    g = torch.Generator().manual_seed(3)
+    X = paths.hermite_cubic(grid, torch.randn(2, length, 2, generator=g).cumsum(1) / 10)
+    func = Field().float()
+    z0 = torch.randn(2, 3, generator=g)
+    sol = odegrad.solve_cde(func, X, z0, grid[[0, -1]], method="rk4", step_size=None)
+    every = odegrad.cdeint(func, X, z0, grid, method="rk4")
+    assert sol.stats["n_steps"] == length - 1 and sol.ys.shape == (2, 2, 3)
+    assert (sol.ys[-1] - every[-1]).abs().max() <= 1e-5 * every[-1].abs().max()
+
+
+@pytest.mark.parametrize("kind", ["linear", "rectilinear"])
+@pytest.mark.parametrize("options", [{}, {"step_size": 0.15}])
+def test_direct_through_jump_t_equals_the_per_piece_solve(kind, options):
+    """gradient="direct" with fixed steps solves a path with derivative jumps in one call of
+    solve (the knots and outputs as jump_t); count_graph_bytes keeps the per-piece solve. The
+    two take the same steps: equal values and gradients up to round-off."""
+    results = []
+    for count in (False, True):
+        t, data, z0, X = make_problem(kind)
+        func = Field(channels=X.channels)
+        ts = torch.stack([t[0], 0.4 * t[2] + 0.6 * t[3], t[-1]])
+        sol = odegrad.solve_cde(func, X, z0, ts, method="rk4", count_graph_bytes=count,
+                                **options)
+        assert ("segments" in sol.stats) == count
+        grads = torch.autograd.grad(sol.ys.pow(2).sum(), [z0, data, *func.parameters()])
+        results.append(torch.cat([sol.ys.reshape(-1), *(g.reshape(-1) for g in grads)]))
+    assert (results[0] - results[1]).abs().max() <= 1e-13 * results[1].abs().max()

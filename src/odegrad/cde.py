@@ -7,15 +7,20 @@ derivatives do, so no step should cross one: cdeint restarts the solve at every 
 the output span, and between two knots f is multiplied by that piece's derivative (a step
 ending on a knot reads the piece on its left, one starting there the piece on its right).
 Steps of `step_size` start again from each knot, the last one before it clipped to land on it
-(torchcde's fixed grid from t[0] would cross the knots). One exception, which keeps a single
-solve (checkpoints and memory of one solve, e.g. the reversible method's, flat in the length):
-a cubic path (C1 or C2, so the side of a knot does not matter) with a fixed-step method and no
-`step_size` takes one step per interval of the union of the output times and the knots (when
-that union is evenly spaced, as fixed steps of the spacing that keep only t's outputs, so the
-memory of the solve does not grow with the number of knots). The
-restarts cost one solve per knot interval: the gradient methods hold their checkpoints per
-segment, the state at each knot is kept for the backward pass, and `max_steps` and an int
-`checkpoints` count per segment.
+(torchcde's fixed grid from t[0] would cross the knots). The restarts cost one solve per knot
+interval: the gradient methods hold their checkpoints per segment, the state at each knot is
+kept for the backward pass, and `max_steps` and an int `checkpoints` count per segment. With
+gradient="direct" and fixed steps the pieces are one call of solve with the knots as jump_t
+(the same steps and values, without the set-up cost of one call per piece).
+
+One exception keeps a single solve: a cubic path (C1 or C2, so the side of a knot does not
+matter) with a fixed-step method and no `step_size` takes one step per interval of the union
+of the output times and the knots. When that union is evenly spaced (each time within 8 ulps
+of its dtype of t_0 + k·gap, so a float32 linspace qualifies), the solve takes fixed steps of
+the gap, ending on the knots up to those ulps, and keeps only t's outputs: checkpoints and
+memory of one solve (the reversible method's flat in the length). Otherwise the knots are
+output times of the solve, whose outputs at every knot are held until the backward pass
+(O(length) memory whatever the gradient method; the loop keeps every output it computes).
 """
 
 from __future__ import annotations
@@ -65,16 +70,22 @@ class ControlledField(torch.nn.Module):
                 f"f(t, z) returned shape {tuple(matrix.shape)}; a CDE field must return "
                 f"(..., hidden={hidden}, channels={channels}) (z0's last dim, the path's "
                 "channels)")
-        try:
-            shape = torch.broadcast_shapes(matrix.shape[:-2], control.shape[:-1])
-        except RuntimeError:
-            shape = None
+        shape = _broadcast(matrix.shape[:-2], control.shape[:-1])
         if shape is None or shape + (hidden,) != self.z_shape:
             raise InvalidInputError(
                 f"the batch shapes of f(t, z) {tuple(matrix.shape[:-2])} and of the path "
                 f"{tuple(control.shape[:-1])} do not broadcast to z0's "
                 f"{tuple(self.z_shape[:-1])}")
         self._checked = True
+
+
+def _broadcast(a: Sequence[int], b: Sequence[int]) -> torch.Size | None:
+    """The broadcast of two shapes, None if they do not broadcast (torch.broadcast_shapes's
+    first call imports its symbolic-shape modules, about 1.7 s on the CPU here)."""
+    a, b = (1,) * (len(b) - len(a)) + tuple(a), (1,) * (len(a) - len(b)) + tuple(b)
+    if any(x != y and 1 not in (x, y) for x, y in zip(a, b)):
+        return None
+    return torch.Size(max(x, y) if 1 not in (x, y) else x * y for x, y in zip(a, b))
 
 
 class SegmentStats(Mapping):
@@ -159,6 +170,8 @@ def solve_cde(f: Callable, X: Path, z0: Tensor, t: Tensor, *,
     t = _validate_t(t, z0)
     one_step_per_interval = (_takes_fixed_steps(solve_kwargs)
                              and solve_kwargs.get("step_size") is None)
+    if X.has_derivative_jumps and _jumps_serve(solve_kwargs):
+        return _solve_with_jumps(f, X, z0, t, params, solve_kwargs)
     if X.has_derivative_jumps or not one_step_per_interval:
         return _solve_by_pieces(f, X, z0, t, params, solve_kwargs)
     times, requested = _with_knots(t, X)
@@ -166,23 +179,27 @@ def solve_cde(f: Callable, X: Path, z0: Tensor, t: Tensor, *,
     if spacing is not None and len(times) > len(t):
         # Evenly spaced knots and outputs: fixed steps of that spacing land on every one of
         # them, and only t's own outputs are kept (memory of one solve flat in the length).
-        solution = solve(ControlledField(f, X, z0.shape), z0, t, params=params,
-                         step_size=spacing, **solve_kwargs)
-        return solution
+        # (solve_kwargs may hold step_size=None: the model passes every setting as is)
+        return solve(ControlledField(f, X, z0.shape), z0, t, params=params,
+                     **{**solve_kwargs, "step_size": spacing})
     solution = solve(ControlledField(f, X, z0.shape), z0, times, params=params, **solve_kwargs)
     return Solution(ts=t, ys=solution.ys[requested], stats=solution.stats)
 
 
-def _uniform_spacing(times: Tensor, rtol: float = 1e-9) -> float | None:
-    """The common gap of `times` if they are evenly spaced (to rtol of the span), else None."""
+def _uniform_spacing(times: Tensor) -> float | None:
+    """The common gap of `times` if they are evenly spaced, else None: each time within 8 ulps
+    (of the largest |time|, in times' dtype) of t_0 + k·gap, so that fixed steps of the gap end
+    on the knots up to rounding (a float32 linspace has gaps that differ by ulps)."""
     values = times.detach().double().cpu()
     if len(values) < 3:
         return None
-    gaps = (values[1:] - values[:-1]).abs()
-    span = float((values[-1] - values[0]).abs())
-    if float(gaps.max() - gaps.min()) > rtol * span:
+    span = float(values[-1] - values[0])
+    gap = span / (len(values) - 1)
+    lattice = values[0] + gap * torch.arange(len(values), dtype=torch.float64)
+    tolerance = 8 * torch.finfo(times.dtype).eps * float(values.abs().max())
+    if float((values - lattice).abs().max()) > tolerance:
         return None
-    return span / (len(values) - 1)
+    return abs(gap)
 
 
 def _separate_tensors(X: Path) -> tuple[Path, list[Tensor]]:
@@ -215,6 +232,41 @@ def _with_knots(t: Tensor, X: Path) -> tuple[Tensor, list[int]]:
     entries.sort(key=lambda e: e[0], reverse=descending)
     position = {value: i for i, (value, _) in enumerate(entries)}
     return torch.stack([e[1] for e in entries]), [position[v] for v in times]
+
+
+def _jumps_serve(solve_kwargs: dict) -> bool:
+    """Whether a path with derivative jumps is solved as one call of solve with the knots as
+    jump_t (`_solve_with_jumps`) rather than one call per piece (`_solve_by_pieces`): both
+    take the same steps, bit for bit the same values, only with fixed steps (adaptive pieces
+    would carry the controller's step across a knot, so direct's steps would differ from the
+    other gradients', which stay per piece), and only for gradient="direct" without
+    count_graph_bytes: under jump_t each piece's solve overwrites stats["checkpoint_bytes"]
+    instead of adding to it (step_times.solve_through), which would under-report the memory
+    the other gradients hold per piece."""
+    return (solve_kwargs.get("gradient", "direct") == "direct"
+            and not solve_kwargs.get("count_graph_bytes")
+            and _takes_fixed_steps(solve_kwargs)
+            and not {"step_t", "jump_t"} & set(solve_kwargs))
+
+
+def _solve_with_jumps(f: Callable, X: Path, z0: Tensor, t: Tensor, params: list,
+                      solve_kwargs: dict) -> Solution:
+    """A path whose derivative jumps at the knots: one call of solve with the knots inside t's
+    span and t's own times inside as jump_t. The steps are those of `_solve_by_pieces` (the
+    solve restarts at every knot and output time); f reads the
+    piece's side of a knot at its ends (step_times.OneSidedField moves a time on a jump one ulp
+    inside the piece; dX/dt is constant on a piece, so the values are the same), without the
+    cost of one call of solve per piece (validation, set-up: ~2.6 ms each here)."""
+    values = t.detach()
+    lo, hi = values.min(), values.max()
+    knots = X.knots.detach().to(t.dtype)
+    # t's own times inside are pieces' ends too: the solve restarts there as per piece (fixed
+    # steps of step_size from there; a reversible scheme from the observed state)
+    jumps = torch.cat([knots, values])
+    jumps = torch.unique(jumps[(jumps > lo) & (jumps < hi)])
+    options = {"jump_t": jumps} if len(jumps) else {}
+    return solve(ControlledField(f, X, z0.shape), z0, t, params=params, **options,
+                 **solve_kwargs)
 
 
 def _solve_by_pieces(f: Callable, X: Path, z0: Tensor, t: Tensor, params: list,
