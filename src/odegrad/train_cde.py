@@ -18,7 +18,7 @@ from torch.utils.data import TensorDataset
 from .argtypes import positive_int
 from .data.irregular import IRREGULAR_DATASETS, load_japanese_vowels, make_cde_spirals
 from .models.cde import ACTIVATIONS, INTERPOLATIONS, NeuralCDE
-from .train_tasks import TASKS, Task, _figure, _save
+from .train_tasks import TASKS, Task, _accuracy_figure, _classification_loss, _figure, _save
 
 _EVAL_CHUNK = 512
 
@@ -95,33 +95,19 @@ class CDETask(Task):
 
     def loss(self, model, batch):
         times, values, labels = batch
-        logits = model(times, values)
-        loss = nn.functional.cross_entropy(logits, labels)
-        correct = (logits.argmax(-1) == labels).sum()
-        return loss, {"loss": loss.detach() * len(labels), "correct": correct,
-                      "count": len(labels)}
+        return _classification_loss(model(times, values), labels)
 
     @torch.no_grad()
     def evaluate(self, model):
         test = self.data.test
         part = self._shard(len(test))
-        times, values, labels = test.times[part], test.values[part], test.labels[part]
-        sums = {"loss": 0.0, "correct": 0.0, "count": 0.0}
-        for start in range(0, len(labels), _EVAL_CHUNK):
-            chunk = slice(start, start + _EVAL_CHUNK)
-            y = labels[chunk].to(self.device)
-            logits = model(times[chunk].to(self.device), values[chunk].to(self.device))
-            sums["loss"] += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
-            sums["correct"] += float((logits.argmax(-1) == y).sum())
-            sums["count"] += len(y)
-        sums = self.all_reduce(sums)
-        return {"test_loss": sums["loss"] / sums["count"],
-                "test_accuracy": sums["correct"] / sums["count"]}
+        return self._classification_metrics(model, (test.times[part], test.values[part]),
+                                            test.labels[part], _EVAL_CHUNK)
 
     # ------------------------------------------------------------ plots
 
     def plot(self, model, history, out: Path) -> list[str]:
-        return [_save(self._curves(history), out / "curves.png"),
+        return [_save(_accuracy_figure(history, self._title()), out / "curves.png"),
                 _save(self._sample_paths(model), out / "paths.png")]
 
     def _title(self) -> str:
@@ -129,22 +115,6 @@ class CDETask(Task):
         drop = f", {a.drop:.0%} dropped" if a.drop else ""
         return (f"neural CDE on {a.dataset}{drop}: method={a.method}, gradient={a.gradient}, "
                 f"{a.interpolation}")
-
-    def _curves(self, history):
-        figure = _figure(1, 2, (10, 4))
-        epochs = [h["epoch"] for h in history]
-        left, right = figure.axes
-        left.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
-        left.plot(epochs, [h["test_loss"] for h in history], "s-", label="test")
-        left.set(xlabel="epoch", ylabel="cross-entropy", yscale="log", title="loss")
-        right.plot(epochs, [100 * h["train_accuracy"] for h in history], "o-", label="train")
-        right.plot(epochs, [100 * h["test_accuracy"] for h in history], "s-", label="test")
-        right.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
-        for axis in figure.axes:
-            axis.legend()
-            axis.grid(alpha=0.3)
-        figure.suptitle(self._title())
-        return figure
 
     def _sample_paths(self, model, n_series: int = 3, n_channels: int = 3, n_hidden: int = 6):
         """Top row: a few value channels of test series, observed points and the path X(t);

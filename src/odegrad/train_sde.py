@@ -37,7 +37,7 @@ from .data.series import Series, SeriesSplit
 from .errors import InvalidInputError, UnsupportedCombinationError
 from .models.latent_sde import LIKELIHOODS, LatentSDE
 from .sde import SDE_METHODS, solve_sde
-from .train_tasks import TASKS, Task, _figure, _save
+from .train_tasks import TASKS, Task, _figure, _loss_figure, _save
 
 SDE_DATASETS = ("sunspots", "co2", "lorenz")
 OBS_SCALE = 0.3
@@ -457,18 +457,11 @@ class SDETask(Task):
                 f"dt={self.dt():g}")
 
     def _curves(self, history):
-        figure = _figure(1, 1, (7, 4.5))
-        ax = figure.axes[0]
-        epochs = [h["epoch"] for h in history]
-        ax.plot(epochs, [h["train_loss"] for h in history], "o-", label="train (KL-annealed)")
-        ax.plot(epochs, [h["test_loss"] for h in history], "s-", label="test −ELBO")
-        for key, name, style in (("random_walk_loglik_per_value", "random walk", "--"),
-                                 ("ou_loglik_per_value", "Ornstein–Uhlenbeck", ":")):
-            ax.axhline(-self.baselines[key], color="0.4", ls=style, label=f"{name} test NLL")
-        ax.set(xlabel="epoch", ylabel="nats per observed value", title=self._title())
-        ax.grid(alpha=0.3)
-        ax.legend()
-        return figure
+        baselines = [(f"{name} test NLL", -self.baselines[key], style) for key, name, style in (
+            ("random_walk_loglik_per_value", "random walk", "--"),
+            ("ou_loglik_per_value", "Ornstein–Uhlenbeck", ":"))]
+        return _loss_figure(history, "nats per observed value", self._title(), baselines,
+                            labels=("train (KL-annealed)", "test −ELBO"), size=(7, 4.5))
 
     def _units(self, values: Tensor, index: int) -> Tensor:
         """values (..., T, D) of test window `index` in the data's own units."""

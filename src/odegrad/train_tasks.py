@@ -70,6 +70,23 @@ class Task:
         values = distributed.all_reduce_sum(values, self.context)
         return dict(zip(keys, values.tolist()))
 
+    def _classification_metrics(self, model: nn.Module, inputs: tuple[Tensor, ...],
+                                labels: Tensor, chunk: int) -> dict:
+        """Test cross-entropy and accuracy of a classifier, `model(*inputs)` → logits, over
+        this rank's part of the test set (`inputs`, `labels`), `chunk` items at a time; summed
+        over all ranks."""
+        sums = {"loss": 0.0, "correct": 0.0, "count": 0.0}
+        for start in range(0, len(labels), chunk):
+            part = slice(start, start + chunk)
+            y = labels[part].to(self.device)
+            logits = model(*(x[part].to(self.device) for x in inputs))
+            sums["loss"] += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
+            sums["correct"] += float((logits.argmax(-1) == y).sum())
+            sums["count"] += len(y)
+        sums = self.all_reduce(sums)
+        return {"test_loss": sums["loss"] / sums["count"],
+                "test_accuracy": sums["correct"] / sums["count"]}
+
 
 class ClassifierTask(Task):
     """An ODE-Net image classifier trained with cross-entropy; reports test accuracy."""
@@ -109,41 +126,16 @@ class ClassifierTask(Task):
 
     def loss(self, model, batch):
         x, y = batch
-        logits = model(x)
-        loss = nn.functional.cross_entropy(logits, y)
-        correct = (logits.argmax(-1) == y).sum()
-        return loss, {"loss": loss.detach() * len(y), "correct": correct, "count": len(y)}
+        return _classification_loss(model(x), y)
 
     @torch.no_grad()
     def evaluate(self, model):
         part = self._shard(len(self.data.y_test))
-        x, y = self.data.x_test[part], self.data.y_test[part]
-        sums = {"loss": 0.0, "correct": 0.0, "count": 0.0}
-        for start in range(0, len(y), 500):
-            xb, yb = x[start:start + 500].to(self.device), y[start:start + 500].to(self.device)
-            logits = model(xb)
-            sums["loss"] += float(nn.functional.cross_entropy(logits, yb, reduction="sum"))
-            sums["correct"] += float((logits.argmax(-1) == yb).sum())
-            sums["count"] += len(yb)
-        sums = self.all_reduce(sums)
-        return {"test_loss": sums["loss"] / sums["count"],
-                "test_accuracy": sums["correct"] / sums["count"]}
+        return self._classification_metrics(model, (self.data.x_test[part],),
+                                             self.data.y_test[part], 500)
 
     def plot(self, model, history, out):
-        figure = _figure(1, 2, (10, 4))
-        epochs = [h["epoch"] for h in history]
-        left, right = figure.axes
-        left.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
-        left.plot(epochs, [h["test_loss"] for h in history], "s-", label="test")
-        left.set(xlabel="epoch", ylabel="cross-entropy", yscale="log", title="loss")
-        right.plot(epochs, [100 * h["train_accuracy"] for h in history], "o-", label="train")
-        right.plot(epochs, [100 * h["test_accuracy"] for h in history], "s-", label="test")
-        right.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
-        for axis in figure.axes:
-            axis.legend()
-            axis.grid(alpha=0.3)
-        figure.suptitle(self._title())
-        return [_save(figure, out / "curves.png")]
+        return [_save(_accuracy_figure(history, self._title()), out / "curves.png")]
 
     def _title(self) -> str:
         a = self.args
@@ -207,7 +199,8 @@ class CNFTask(Task):
     def plot(self, model, history, out):
         files = [_save(_loss_figure(history, "negative log-likelihood (nats)",
                                     f"CNF on {self.args.dataset}",
-                                    baseline=("fitted Gaussian (test)", self.gaussian_nll)),
+                                    baselines=[("fitted Gaussian (test)", self.gaussian_nll,
+                                                "--")]),
                        out / "curves.png")]
         limit, n = 4.0, self.args.grid
         axis = torch.linspace(-limit, limit, n)
@@ -399,19 +392,48 @@ def _save(figure, path: Path) -> str:
     return path.name
 
 
-def _loss_figure(history, ylabel: str, title: str, baseline=None):
-    figure = _figure(1, 1, (6, 4))
+def _loss_figure(history, ylabel: str, title: str, baselines=(), labels=("train", "test"),
+                 size: tuple[float, float] = (6, 4)):
+    """Train and test loss per epoch (the test NLL where the history has one), with a
+    horizontal line per (label, value, line style) of `baselines`."""
+    figure = _figure(1, 1, size)
     ax = figure.axes[0]
     epochs = [h["epoch"] for h in history]
-    ax.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
+    ax.plot(epochs, [h["train_loss"] for h in history], "o-", label=labels[0])
     test_key = "test_nll" if "test_nll" in history[0] else "test_loss"
-    ax.plot(epochs, [h[test_key] for h in history], "s-", label="test")
-    if baseline is not None:
-        ax.axhline(baseline[1], color="0.4", ls="--", label=baseline[0])
+    ax.plot(epochs, [h[test_key] for h in history], "s-", label=labels[1])
+    for label, value, style in baselines:
+        ax.axhline(value, color="0.4", ls=style, label=label)
     ax.set(xlabel="epoch", ylabel=ylabel, title=title)
     ax.grid(alpha=0.3)
     ax.legend()
     return figure
+
+
+def _accuracy_figure(history, title: str):
+    """A classifier's curves: train and test cross-entropy (log scale) and accuracy."""
+    figure = _figure(1, 2, (10, 4))
+    epochs = [h["epoch"] for h in history]
+    left, right = figure.axes
+    left.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
+    left.plot(epochs, [h["test_loss"] for h in history], "s-", label="test")
+    left.set(xlabel="epoch", ylabel="cross-entropy", yscale="log", title="loss")
+    right.plot(epochs, [100 * h["train_accuracy"] for h in history], "o-", label="train")
+    right.plot(epochs, [100 * h["test_accuracy"] for h in history], "s-", label="test")
+    right.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
+    for axis in figure.axes:
+        axis.legend()
+        axis.grid(alpha=0.3)
+    figure.suptitle(title)
+    return figure
+
+
+def _classification_loss(logits: Tensor, labels: Tensor) -> tuple[Tensor, dict]:
+    """A classifier's training loss (mean cross-entropy) and the sums it logs."""
+    loss = nn.functional.cross_entropy(logits, labels)
+    correct = (logits.argmax(-1) == labels).sum()
+    return loss, {"loss": loss.detach() * len(labels), "correct": correct,
+                  "count": len(labels)}
 
 
 def _gaussian_nll(x_train: Tensor, x_test: Tensor) -> float:

@@ -13,12 +13,12 @@ unit. docs/torchdiffeq_suite.md has the commands, the counts and the exclusions.
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
 import unittest
 import warnings
+
+from . import suite_runner
 
 # The modules of tests/run_all.py (DETEST/ is a benchmark, not a test).
 MODULES = ("api_tests", "event_tests", "gradient_tests", "norm_tests", "odeint_tests")
@@ -47,7 +47,7 @@ class _Result(unittest.TestResult):
         super().startTest(test)
         self._start = time.time()
         if self.verbose:
-            print(f"[{time.strftime('%H:%M:%S')}] {test.id()}", file=sys.stderr, flush=True)
+            suite_runner.log(test.id())
 
     @staticmethod
     def _message(test, err) -> tuple[str, str]:
@@ -115,34 +115,16 @@ def run(tests_dir: str, target: str = "shim", only: tuple[str, ...] = (),
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         suite.run(result)
-    counts: dict[str, int] = {}
-    per_test: dict[str, dict[str, int]] = {}
-    for unit in result.units:
-        counts[unit["status"]] = counts.get(unit["status"], 0) + 1
-        entry = per_test.setdefault(unit["test"], {})
-        entry[unit["status"]] = entry.get(unit["status"], 0) + 1
-    summary = dict(target=target, units=sum(counts.values()), counts=counts, per_test=per_test,
-                   excluded=excluded, seconds=round(time.time() - start, 1))
+    summary = suite_runner.summarise(
+        target, ((unit["test"], unit["status"]) for unit in result.units), excluded, start)
     return dict(summary=summary, units=result.units)
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("tests_dir", help="torchdiffeq's tests/ folder")
-    parser.add_argument("--target", choices=("shim", "real"), default="shim")
-    parser.add_argument("--json", help="write every unit's result here")
-    parser.add_argument("--only", nargs="*", default=(), help="run the tests whose id has one")
-    parser.add_argument("-v", "--verbose", action="store_true", help="print each test's start")
-    args = parser.parse_args(argv)
-    report = run(args.tests_dir, args.target, tuple(args.only), args.verbose)
-    if args.json:
-        with open(args.json, "w") as out:
-            json.dump(report, out, indent=1)
-    summary = report["summary"]
-    for test, counts in summary["per_test"].items():
-        print(f"{test}: {counts}")
-    print(f"target={summary['target']} units={summary['units']} {summary['counts']} "
-          f"excluded={len(summary['excluded'])} ({summary['seconds']} s)")
+    suite_runner.main(argv, description=__doc__.splitlines()[0], run=run,
+                      tests_help="torchdiffeq's tests/ folder",
+                      only_help="run the tests whose id has one",
+                      verbose_help="print each test's start", n_excluded=len)
 
 
 if __name__ == "__main__":

@@ -20,12 +20,12 @@ docs/torchsde_suite.md has the commands, the counts and the exclusions.
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
 
 import pytest
+
+from . import suite_runner
 
 MODULES = ("test_adjoint.py", "test_brownian_interval.py", "test_brownian_path.py",
            "test_brownian_tree.py", "test_sdeint.py")
@@ -63,8 +63,7 @@ class _Collector:
         if report.when == "call" or (report.when == "setup" and not report.passed):
             self.units[item.nodeid] = _classify(report, call)
             if self.verbose:
-                print(f"[{time.strftime('%H:%M:%S')}] {item.nodeid}: "
-                      f"{self.units[item.nodeid]['status']}", file=sys.stderr, flush=True)
+                suite_runner.log(f"{item.nodeid}: {self.units[item.nodeid]['status']}")
 
 
 def _classify(report, call) -> dict:
@@ -107,36 +106,18 @@ def run(tests_dir: str, target: str = "shim", only: tuple[str, ...] = (),
     collector = _Collector(verbose)
     start = time.time()
     pytest.main(args, plugins=[collector])
-    counts: dict[str, int] = {}
-    per_test: dict[str, dict[str, int]] = {}
-    for nodeid, unit in collector.units.items():
-        counts[unit["status"]] = counts.get(unit["status"], 0) + 1
-        name = nodeid.split("[")[0]
-        entry = per_test.setdefault(name, {})
-        entry[unit["status"]] = entry.get(unit["status"], 0) + 1
-    summary = dict(target=target, units=sum(counts.values()), counts=counts, per_test=per_test,
-                   excluded=dict(reasons=EXCLUDED, tests=collector.excluded),
-                   seconds=round(time.time() - start, 1))
+    tally = ((nodeid.split("[")[0], unit["status"]) for nodeid, unit in collector.units.items())
+    summary = suite_runner.summarise(target, tally,
+                                     dict(reasons=EXCLUDED, tests=collector.excluded), start)
     return dict(summary=summary, units=collector.units)
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("tests_dir", help="torchsde's tests/ folder (repository, tag v0.2.6)")
-    parser.add_argument("--target", choices=("shim", "real"), default="shim")
-    parser.add_argument("--json", help="write every unit's result here")
-    parser.add_argument("--only", nargs="*", default=(), help="pytest -k expressions, or-ed")
-    parser.add_argument("-v", "--verbose", action="store_true", help="print each result")
-    args = parser.parse_args(argv)
-    report = run(args.tests_dir, args.target, tuple(args.only), args.verbose)
-    if args.json:
-        with open(args.json, "w") as out:
-            json.dump(report, out, indent=1)
-    summary = report["summary"]
-    for test, counts in summary["per_test"].items():
-        print(f"{test}: {counts}")
-    print(f"target={summary['target']} units={summary['units']} {summary['counts']} "
-          f"excluded={len(summary['excluded']['tests'])} ({summary['seconds']} s)")
+    suite_runner.main(argv, description=__doc__.splitlines()[0], run=run,
+                      tests_help="torchsde's tests/ folder (repository, tag v0.2.6)",
+                      only_help="pytest -k expressions, or-ed",
+                      verbose_help="print each result",
+                      n_excluded=lambda excluded: len(excluded["tests"]))
 
 
 if __name__ == "__main__":
