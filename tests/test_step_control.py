@@ -244,3 +244,148 @@ def test_jump_t_gradient_against_the_closed_form():
         assert abs(float(g[0][0]) - decay) < 1e-8
         assert abs(float(g[1]) - (-f.TAU * 3 * decay)) < 1e-7
         assert abs(float(g[2]) - (-0.7 * 3 * decay)) < 1e-7
+
+
+# grid_constructor: one fixed step per grid interval, outputs inside read by dense output.
+def uneven_grid(f, y0, t):
+    """[0, 0.2, 0.5, 1] scaled onto [t[0], t[-1]]: uneven, and 0.35 (an output) is not on it."""
+    return t[0] + (t[-1] - t[0]) * torch.tensor([0.0, 0.2, 0.5, 1.0], dtype=t.dtype)
+
+
+def test_grid_constructor_steps_on_the_grid():
+    # The issue's case: euler on y' = y over [0, 1], ten steps of the grid: 1.1**10 = 2.594
+    # (the grid ignored, one step: 2.000).
+    t = torch.tensor([0.0, 1.0], dtype=DT)
+    ten = odegrad.odeint(lambda t, y: y, torch.ones(1, dtype=DT), t, method="euler",
+                         grid_constructor=lambda f, y0, t: torch.linspace(0, 1, 11, dtype=DT))
+    assert abs(float(ten[-1]) - 1.1**10) < 1e-12
+    # An uneven grid with an output inside an interval: the scheme's closed form on the grid,
+    # the output at 0.35 read by euler's (linear) dense output, not a step end.
+    t = torch.tensor([0.0, 0.35, 1.0], dtype=DT)
+    seen = []
+    ys = odegrad.odeint(lambda t, y: y, torch.ones(1, dtype=DT), t, method="euler",
+                        grid_constructor=uneven_grid,
+                        on_accept=lambda t, y, h: seen.append((float(t), float(h))))
+    assert [round(a, 12) for a, _ in seen] == [0.0, 0.2, 0.5]
+    assert abs(float(ys[1]) - 1.2 * 1.15) < 1e-12
+    assert abs(float(ys[2]) - 1.2 * 1.3 * 1.5) < 1e-12
+    # rk4 on y' = y: the product of the scheme's growth factors on the grid intervals
+    ys = odegrad.odeint(lambda t, y: y, torch.ones(1, dtype=DT), t, method="rk4",
+                        grid_constructor=uneven_grid)
+    growth = [1 + h + h**2 / 2 + h**3 / 6 + h**4 / 24 for h in (0.2, 0.3, 0.5)]
+    assert abs(float(ys[2]) - math.prod(growth)) < 1e-12
+    # decreasing t: the grid runs from t[0] down to t[-1]
+    back = odegrad.odeint(lambda t, y: y, torch.ones(1, dtype=DT), t.flip(0), method="euler",
+                          grid_constructor=uneven_grid)
+    assert abs(float(back[-1]) - 0.8 * 0.7 * 0.5) < 1e-12
+
+
+COARSE = torch.tensor([0.0, 0.3, 0.7, 1.2, 1.9, 2.05, 2.6, 3.0], dtype=DT)
+_S = torch.linspace(0, 1, 61, dtype=DT)
+FINE = 3.0 * (_S + 0.05 * torch.sin(math.pi * _S))  # uneven; 0.7 and 1.9 inside intervals
+
+
+def grid_gradient(gradient, time=False, checkpoints=None, points=COARSE, method=None):
+    f = Field()
+    y0 = Y0.clone().requires_grad_()
+    t = T.clone().requires_grad_(time)
+    method = method or ("reversible_heun" if gradient == "reversible" else "rk4")
+    extra = {} if checkpoints is None else {"checkpoints": checkpoints}
+    sol = odegrad.solve(f, y0, t, method=method, gradient=gradient, adaptive=False,
+                        grid_constructor=lambda f, y0, t: points, **extra)
+    assert sol.stats["n_accepted"] == len(points) - 1
+    loss = sol.ys[1:].pow(2).sum() + sol.ys[-1, :, 0].sin().sum()
+    inputs = [y0, *f.parameters()] + ([t] if time else [])
+    return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, inputs)]), sol
+
+
+@pytest.mark.parametrize("gradient, checkpoints", [
+    ("discrete", "all"), ("discrete", 2), ("reversible", None)])
+def test_grid_constructor_exact_gradients_equal_direct(gradient, checkpoints):
+    time = gradient == "discrete"  # and the gradient w.r.t. the output times
+    got, sol = grid_gradient(gradient, time=time, checkpoints=checkpoints)
+    want, direct = grid_gradient("direct", time=time, method=sol.stats["method"])
+    assert rel(sol.ys.detach(), direct.ys.detach()) < 1e-13  # the same steps
+    assert rel(got, want) < 1e-10
+
+
+@pytest.mark.parametrize("gradient", ["backsolve", "interpolated"])
+def test_grid_constructor_continuous_adjoints_agree_to_tolerance(gradient):
+    # on a fine grid (the backward solve steps by its longest interval): the discrete
+    # gradient and the continuous adjoint's agree to the discretisation error
+    got, _ = grid_gradient(gradient, points=FINE)
+    want, _ = grid_gradient("direct", points=FINE)
+    assert rel(got, want) < 1e-4
+
+
+def test_grid_constructor_bad_grids_raise():
+    t = torch.tensor([0.0, 1.0], dtype=DT)
+    y0 = torch.ones(1, dtype=DT)
+
+    def run(grid, **options):
+        options.setdefault("method", "euler")
+        return odegrad.odeint(lambda t, y: y, y0, t, grid_constructor=grid, **options)
+
+    cases = [
+        (lambda f, y0, t: torch.tensor([0.0, 0.6, 0.4, 1.0], dtype=DT), "strictly increasing"),
+        (lambda f, y0, t: torch.tensor([0.0, 0.5, 0.5, 1.0], dtype=DT), "strictly increasing"),
+        (lambda f, y0, t: torch.tensor([0.1, 0.5, 1.0], dtype=DT), "must start at t"),
+        (lambda f, y0, t: torch.tensor([0.0, 0.5, 0.9], dtype=DT), "end at t"),
+        (lambda f, y0, t: torch.tensor([0.0, 0.5, 1.0]), "dtype"),
+        (lambda f, y0, t: [0.0, 0.5, 1.0], "1-D tensor"),
+        (lambda f, y0, t: torch.tensor([0.0, math.nan, 1.0], dtype=DT), "non-finite"),
+    ]
+    for grid, message in cases:
+        with pytest.raises(InvalidInputError, match=message):
+            run(grid)
+    def good(f, y0, t):
+        return torch.linspace(0, 1, 5, dtype=DT)
+
+    with pytest.raises(InvalidInputError, match="must be a callable"):
+        run([0.0, 1.0])
+    with pytest.raises(UnsupportedCombinationError, match="adaptive steps"):
+        run(good, method="dopri5")
+    with pytest.raises(InvalidInputError, match="mutually exclusive"):
+        run(good, step_size=0.1)
+    with pytest.raises(UnsupportedCombinationError, match="jump_t"):
+        run(good, jump_t=[0.5])
+    with pytest.raises(odegrad.MaxStepsExceededError, match="max_steps=3"):
+        run(good, max_steps=3)
+    # an adaptive scheme told to take fixed steps takes the grid
+    ys = run(good, method="dopri5", adaptive=False)
+    assert torch.isfinite(ys).all()
+
+
+def test_perturb_is_the_adams_option_and_refused_by_one_step_methods():
+    t = torch.tensor([0.0, 1.0], dtype=DT)
+    y0 = torch.ones(1, dtype=DT)
+    with pytest.raises(UnsupportedCombinationError, match="perturb.*jump_t"):
+        odegrad.odeint(lambda t, y: y, y0, t, method="rk4", step_size=0.1, perturb=True)
+    ys = odegrad.odeint(lambda t, y: y, y0, t, method="adams_bashforth", step_size=0.1,
+                        perturb=True)
+    assert abs(float(ys[-1]) - math.e) < 1e-3
+
+
+def test_float32_step_across_a_jump_does_not_underflow():
+    """torchdiffeq's TestDiscontinuities case without jump_t (adaptive_heun, float32, forward
+    and adjoint): crossing the jump in f takes steps of a few float32 ulps of t; odegrad used
+    to refuse any proposal below 4 eps |t| as an underflow (issue 13)."""
+    import odegrad.compat.torchdiffeq as torchdiffeq
+
+    def f(t, x):
+        return -0.5 * x if t < 0.5 else x**2
+
+    exact_half = torch.exp(torch.tensor(-0.25, dtype=DT)) * torch.tensor([1.0, 2.0], dtype=DT)
+    exact = exact_half / (1 - 0.5 * exact_half)  # x' = x² from t = 0.5 to 1
+    for adjoint in (False, True):
+        x0 = torch.tensor([1.0, 2.0], dtype=torch.float32, requires_grad=True)
+        t = torch.tensor([0.0, 1.0])
+        if adjoint:
+            xs = torchdiffeq.odeint_adjoint(f, x0, t, atol=1e-7, method="adaptive_heun",
+                                            adjoint_params=())
+        else:
+            xs = torchdiffeq.odeint(f, x0, t, atol=1e-7, method="adaptive_heun")
+        (grad,) = torch.autograd.grad(xs[-1].sum(), x0)
+        assert (xs[-1].double() - exact).abs().max() < 1e-3 * exact.abs().max()
+        want = exact**2 / exact_half**2 * math.exp(-0.25)  # d x(1) / d x0, component-wise
+        assert (grad.double() - want).abs().max() < 1e-2 * want.abs().max()

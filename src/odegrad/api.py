@@ -20,7 +20,7 @@ from .errors import (
 from .events import EventTime, locate_event, validate_event
 from .gradients import gradient_options as gradient_option_names
 from .gradients import load_gradient
-from .loop import DEFAULT_MAX_STEPS
+from .loop import DEFAULT_MAX_STEPS, FixedGrid
 from .problem import CountedField, Problem, TupleField, probe_graph, validate_tolerance
 from .solvers import SOLVERS, make_solver
 from .step_times import STEP_TIME_OPTIONS, read_times, solve_through
@@ -34,7 +34,7 @@ METHOD_ALIASES = {"explicit_adams": "adams_bashforth", "adaptive_heun": "heun",
                   "fixed_adams": "adams_bashforth_moulton", "scipy_solver": None}
 
 LOOP_OPTIONS = ("first_step", "adaptive", "norm", "on_attempt", "on_accept", "on_reject",
-                *CONTROL_OPTIONS, *STEP_TIME_OPTIONS)
+                "grid_constructor", *CONTROL_OPTIONS, *STEP_TIME_OPTIONS)
 
 
 @dataclass
@@ -142,6 +142,17 @@ def solve(
             on either side (f may be discontinuous in t there): the solve restarts at each
             jump (step_times.py). Fixed steps of step_size restart from each of them. Not
             with event_fn.
+            `grid_constructor=` (torchdiffeq's option): a callable (f, y0, t) -> 1-D tensor of
+            times, strictly monotonic, from t[0] to t[-1] (equal in t's dtype), of t's dtype
+            and device; a fixed-step solve then takes one step per grid interval, and outputs
+            inside an interval come from the scheme's dense output. The grid is a constant
+            (detached; its points at output times follow t). Fixed steps only (not with an
+            adaptive method unless adaptive=False), not with step_size, step_t, jump_t or
+            event_fn. Every gradient method replays these steps; a continuous adjoint's
+            fixed-step backward solve takes steps of the grid's longest interval unless
+            adjoint_step_size= is given. torchdiffeq's `perturb` is the option of the Adams
+            methods here; one-step methods refuse it (for a discontinuity in t at a known time,
+            give it as jump_t: steps land there and f is read one ulp inside each side).
     """
     if not isinstance(compile, bool):
         raise InvalidInputError(f"compile must be True or False, got {compile!r}")
@@ -194,8 +205,9 @@ def solve(
     first_step = loop_options.get("first_step")
     if first_step is not None and step_size is None:
         step_size = first_step
-    if adaptive is False and step_size is None:
-        raise InvalidInputError("adaptive=False needs step_size=")
+    grid_constructor = loop_options.get("grid_constructor")
+    if adaptive is False and step_size is None and grid_constructor is None:
+        raise InvalidInputError("adaptive=False needs step_size= (or grid_constructor=)")
     if step_size is not None and (not _is_positive_number(step_size)):
         raise InvalidInputError(
             f"step_size must be a positive finite number, got {step_size!r}"
@@ -217,6 +229,10 @@ def solve(
             f"{' and '.join(step_times)} with event_fn: the event search does not stop at them; "
             "solve up to the event first, or drop them"
         )
+    grid = None
+    if grid_constructor is not None:
+        grid = _grid(grid_constructor, f, y0, t, is_adaptive=is_adaptive, method=method,
+                     step_size=step_size, step_times=step_times, event_fn=event_fn)
     problem = Problem(
         f=counted, y0=y0_flat, t=t, solver=solver, params=params,
         rtol=_tolerance(rtol, y0_flat, shapes, is_tuple, "rtol"),
@@ -229,6 +245,8 @@ def solve(
         state_view=TupleField(f, shapes).unflatten if is_tuple else None,
         control=control,
     )
+    if grid is not None:
+        problem.step_size = grid  # the loop's fixed-step plan reads the grid from it
     if problem.adaptive:
         _check_tolerances_positive(problem.rtol, problem.atol)
     if gradient != "direct" and torch.is_grad_enabled():
@@ -289,6 +307,63 @@ def _solve_until_event(problem: Problem, gradient_module, gradient_options: dict
         ys = gradient_module.solve(replace(problem, t=times), **gradient_options)
     event_t, event_y = EventTime.apply(field_, g, component, times[1], ys[-1])
     return torch.stack([t[0], event_t]), torch.stack([ys[0], event_y]), event_t, event_y
+
+
+def _grid(grid_constructor, f, y0, t: Tensor, *, is_adaptive: bool, method: str, step_size,
+          step_times: dict, event_fn) -> FixedGrid | None:
+    """The grid of `grid_constructor(f, y0, t)`, checked (see solve's docstring)."""
+    if not callable(grid_constructor):
+        raise InvalidInputError(
+            f"grid_constructor must be a callable (f, y0, t) -> 1-D tensor of times, got "
+            f"{type(grid_constructor).__name__}"
+        )
+    if is_adaptive:
+        raise UnsupportedCombinationError(
+            f"grid_constructor sets fixed steps, but method={method!r} takes adaptive steps; use "
+            "a fixed-step method (euler, midpoint, rk4, ...) or adaptive=False"
+        )
+    if step_size is not None:
+        raise InvalidInputError(
+            "grid_constructor and step_size (or first_step) are mutually exclusive: the grid "
+            "sets every step"
+        )
+    others = [name for name in step_times] + (["event_fn"] if event_fn is not None else [])
+    if others:
+        raise UnsupportedCombinationError(
+            f"grid_constructor with {' and '.join(others)}: the grid sets every step; put "
+            "those times in the grid instead"
+        )
+    if len(t) < 2:
+        return None  # nothing to step
+    grid = grid_constructor(f, y0, t)
+    if not isinstance(grid, Tensor) or grid.dim() != 1 or grid.numel() < 2:
+        raise InvalidInputError(
+            "grid_constructor must return a 1-D tensor of at least two times, got "
+            f"{type(grid).__name__}{tuple(grid.shape) if isinstance(grid, Tensor) else ''}"
+        )
+    if grid.dtype != t.dtype or grid.device != t.device:
+        raise InvalidInputError(
+            f"grid_constructor returned a grid of dtype {grid.dtype} on {grid.device}; it must "
+            f"have t's dtype {t.dtype} and device {t.device}"
+        )
+    values = grid.detach().cpu().tolist()
+    if not all(math.isfinite(v) for v in values):
+        raise InvalidInputError("grid_constructor returned non-finite times")
+    t0, t_end = float(t[0].detach()), float(t[-1].detach())
+    if values[0] != t0 or values[-1] != t_end:
+        raise InvalidInputError(
+            f"grid_constructor returned a grid from {values[0]!r} to {values[-1]!r}; it must "
+            f"start at t[0]={t0!r} and end at t[-1]={t_end!r}"
+        )
+    direction = 1.0 if t_end > t0 else -1.0
+    for k, (a, b) in enumerate(zip(values[:-1], values[1:])):
+        if direction * (b - a) <= 0:
+            raise InvalidInputError(
+                f"grid_constructor returned a grid that is not strictly "
+                f"{'increasing' if direction > 0 else 'decreasing'} like t: grid[{k}]={a!r}, "
+                f"grid[{k + 1}]={b!r}"
+            )
+    return FixedGrid(values)  # the loop checks its step count against max_steps
 
 
 def _is_positive_number(x) -> bool:
@@ -521,6 +596,13 @@ def _split_options(method: str, gradient_module, options: dict) -> tuple[dict, d
             solver_options[name] = value
         elif name in gradient_names:
             gradient_options[name] = value
+        elif name == "perturb":
+            raise UnsupportedCombinationError(
+                f"perturb= (torchdiffeq's option) is taken by the Adams methods "
+                f"(adams_bashforth, adams_bashforth_moulton) only, not by method={method!r}: "
+                "for f discontinuous in t at known times, give them as jump_t= (steps land "
+                "there and f is read one ulp inside each side)"
+            )
         else:
             valid = sorted(solver_names | gradient_names | set(LOOP_OPTIONS))
             raise UnknownNameError(

@@ -97,6 +97,28 @@ class Trajectory:
         return (t[output.index] - t_n) / h
 
 
+class FixedGrid(float):
+    """solve's `grid_constructor` grid, carried where a fixed step size goes (Problem.step_size,
+    so every gradient method that re-runs the forward loop re-runs it on the same steps).
+
+    Its float value is the grid's longest interval: what a reader of the step size that knows
+    nothing of grids sees (a continuous adjoint's fixed-step backward solve, by default).
+    `times`: the grid's times as floats of t's dtype, from t[0] to t[-1], strictly monotonic.
+    """
+
+    times: tuple[float, ...]
+
+    def __new__(cls, times: Sequence[float]) -> FixedGrid:
+        times = tuple(float(v) for v in times)
+        grid = super().__new__(cls, max(abs(b - a) for a, b in zip(times[:-1], times[1:])))
+        grid.times = times
+        return grid
+
+    def __repr__(self) -> str:
+        return f"FixedGrid({len(self.times) - 1} steps from {self.times[0]:.10g} to " \
+               f"{self.times[-1]:.10g})"
+
+
 OnStep = Callable[[StepRecord, Tensor, Step], None]
 # A user step callback as the loop calls it: (t_n as a tensor, the observed state, h as a float).
 StepHook = Callable[[Tensor, Tensor, float], None]
@@ -142,6 +164,11 @@ def integrate(
     `stops`: indices of output times where a step must end, as at t[-1]: an adaptive step that
     would cross one is clipped to land on it (h_n = t[stop] − t_n, recorded as end_anchor); fixed
     steps of `step_size` restart from each stop.
+
+    A `FixedGrid` as `step_size` (solve's grid_constructor): one fixed step per grid interval;
+    a step whose end is an output time lands on it (end_anchor), the others are constants
+    anchored on the last output time at or before their start. Outputs inside a grid interval
+    come from the scheme's dense output. Not with `stops`.
 
     Fixed steps (three or more) with times that are not differentiated read t_n and the stage
     times of a solver that `takes_stage_times` from one table built before the loop
@@ -225,7 +252,17 @@ def integrate(
             if direction * (t_n + h - t_target) >= -max(
                     1e-12 * max(abs(t_target), abs(h)), resolution):
                 h, end_anchor = t_target - t_n, target
-            if abs(h) <= 4 * torch.finfo(y.dtype).eps * max(abs(t_n), 1e-300):
+            # The shortest step: eps |t_n| in y's dtype, at least one unit in the last place of
+            # t_n there, so a step still moves t. A shorter proposal is raised to it; only a
+            # rejection there is an underflow. (torchdiffeq, with float64 times, crosses a jump
+            # of f in t by steps of a few float32 ulps; refusing every proposal below 4 eps |t|
+            # stopped float32 solves that it completes, issue 13.)
+            floor = torch.finfo(y.dtype).eps * max(abs(t_n), 1e-300)
+            short = abs(h) < floor
+            if short and end_anchor is None and not (
+                    rejected and abs(rejected[-1]) <= floor * (1 + 1e-9)):
+                h, short = direction * floor, False
+            if short:
                 if nonfinite_retries:
                     raise NonFiniteError(
                         f"f returned a non-finite value at t={t_n:.10g}: every step past it, "
@@ -374,6 +411,8 @@ def fixed_step_count(t: Tensor, step_size: float | None, stops: Sequence[int] = 
     times = [float(v) for v in t.detach().cpu().tolist()]
     if len(times) < 2:
         return 0
+    if isinstance(step_size, FixedGrid):
+        return len(step_size.times) - 1
     if step_size is None:
         return len(times) - 1
     bounds = _segments(len(times), stops)
@@ -400,7 +439,10 @@ def _fixed_plan(
 ) -> list:
     """(h, end_anchor, start_anchor, start_offset) of every step of a fixed-step solve; the
     step count is checked against `max_steps` before the plan is built. With `stops`, steps of
-    `step_size` restart from each stop (the last one before it clipped to land on it)."""
+    `step_size` restart from each stop (the last one before it clipped to land on it). A
+    `FixedGrid` step size: one step per grid interval (`_grid_plan`)."""
+    if isinstance(step_size, FixedGrid):
+        return _grid_plan(times, step_size, direction, max_steps)
     bounds = _segments(len(times), stops) if step_size is not None else [(0, len(times) - 1)]
     if len(bounds) > 1:
         n = sum(_fixed_step_total([times[a], times[b]], step_size) for a, b in bounds)
@@ -428,6 +470,31 @@ def _fixed_plan(
     plan = [(direction * step, None, 0, direction * step * k) for k in range(n - 1)]
     last_offset = direction * step * (n - 1)
     plan.append((times[-1] - (times[0] + last_offset), len(times) - 1, 0, last_offset))
+    return plan
+
+
+def _grid_plan(times: list[float], grid: FixedGrid, direction: float,
+               max_steps: int | None) -> list:
+    """The plan of one step per interval of `grid` (the API checked that it runs from t[0] to
+    t[-1], strictly monotonic, in t's dtype). A step ending on an output time lands on it; a
+    step starts at the last output time at or before it plus a constant offset."""
+    points = grid.times
+    if points[0] != times[0] or points[-1] != times[-1]:
+        raise ValueError(f"{grid!r} does not run from t[0] to t[-1]")
+    n = len(points) - 1
+    if max_steps is not None and n > max_steps:
+        raise MaxStepsExceededError(
+            f"the grid of grid_constructor has {n} steps, more than max_steps={max_steps}; "
+            "raise max_steps or build a coarser grid"
+        )
+    index = {v: i for i, v in enumerate(times)}
+    plan, anchor = [], 0
+    for start, end in zip(points[:-1], points[1:]):
+        while anchor + 1 < len(times) and direction * (times[anchor + 1] - start) <= 0:
+            anchor += 1
+        end_anchor = index.get(end)
+        h = end - start if end_anchor is None else times[end_anchor] - start
+        plan.append((h, end_anchor, anchor, start - times[anchor]))
     return plan
 
 
