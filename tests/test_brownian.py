@@ -273,10 +273,14 @@ def test_out_of_range_query_raises_and_ulps_are_tolerated():
 
 def test_invalid_arguments_raise_clear_errors():
     with pytest.raises(UnknownNameError, match="space-time"):
-        BrownianInterval(0, 1, (2,), levy_area="foster")
+        BrownianInterval(0, 1, (2,), levy_area="wiktorsson")
     bm = BrownianInterval(0, 1, (2,), seed=0)
     with pytest.raises(UnsupportedCombinationError, match="levy_area='space-time'"):
         bm(0.1, 0.2, return_levy=True)
+    for levy_area in ("none", "space-time"):
+        bm = BrownianInterval(0, 1, (2, 2), seed=0, levy_area=levy_area)
+        with pytest.raises(UnsupportedCombinationError, match="'davie' or 'foster'"):
+            bm(0.1, 0.2, return_area=True)
     bad = [dict(t0=1.0, t1=1.0), dict(t0=2.0, t1=1.0), dict(t1=math.inf),
            dict(shape=(-1,)), dict(shape="ab"), dict(dtype=torch.int64),
            dict(cache_size=-1), dict(seed=-3), dict(seed=1.5)]
@@ -321,3 +325,113 @@ def test_memory_is_bounded_and_reverse_queries_are_cheap():
     backward_draws = bm.n_draws - forward_draws
     assert bm.n_nodes <= 5 * n  # proportional to the query points
     assert forward_draws <= 3 * n and backward_draws <= 3 * n  # O(1) samples a step each way
+
+
+# -- full Lévy area: Davie's and Foster's approximations -----------------------------------------
+
+AREA_ROWS = 20000  # pairs (i, j) = (0, 1) of a (AREA_ROWS, 2) motion: one sample per row
+
+
+def _area_samples(levy_area: str, queries, seeds=(0, 1)):
+    """(W, H, A_01, h) of each query (ta, tb) over a few (AREA_ROWS, 2) paths, float64."""
+    out = {}
+    for seed in seeds:
+        bm = BrownianInterval(T0, T1, (AREA_ROWS, 2), dtype=torch.float64, seed=seed,
+                              levy_area=levy_area, cache_size=3)
+        for ta, tb in queries:
+            w, h, a = bm(ta, tb, return_levy=True, return_area=True)
+            out.setdefault((ta, tb), []).append((w, h, a[:, 0, 1]))
+    return {q: [torch.cat(c).numpy() for c in zip(*v)] for q, v in out.items()}
+
+
+@pytest.mark.parametrize("levy_area", ["davie", "foster"])
+def test_area_shapes_antisymmetry_and_return_order(levy_area):
+    bm = BrownianInterval(T0, T1, (3, 4), dtype=torch.float64, seed=5, levy_area=levy_area)
+    w, h, a = bm(0.7, 2.1, return_levy=True, return_area=True)
+    assert w.shape == h.shape == (3, 4) and a.shape == (3, 4, 4)
+    assert torch.equal(a, -a.transpose(-1, -2)) and not a.diagonal(0, -2, -1).any()
+    w2, a2 = bm(0.7, 2.1, return_area=True)
+    w3, h3 = bm(0.7, 2.1, return_levy=True)
+    assert torch.equal(w2, w) and torch.equal(a2, a) and torch.equal(w3, w) and torch.equal(h3, h)
+    assert torch.equal(bm(0.7, return_area=True)[1], bm(T0, 0.7, return_area=True)[1])
+    w0, a0 = bm(1.0, 1.0, return_area=True)
+    assert a0.shape == (3, 4, 4) and not a0.any() and not w0.any()
+    # a shape of 0 or 1 dimensions is a batch of scalar motions: area 0 of that shape
+    for shape in ((5,), ()):
+        bm = BrownianInterval(T0, T1, shape, seed=5, levy_area=levy_area)
+        for ta, tb in ((0.7, 2.1), (2.1, 0.7), (1.0, 1.0), (T0, T1)):
+            _, a = bm(ta, tb, return_area=True)
+            assert a.shape == shape and not a.any()
+
+
+@pytest.mark.parametrize("levy_area", ["davie", "foster"])
+def test_area_is_the_same_on_every_query_and_negated_reversed(levy_area):
+    grid = [0.5, 0.6, 0.75, 1.3, 2.2, 2.25, 3.0]
+    steps = list(zip(grid[:-1], grid[1:]))
+    bm = BrownianInterval(T0, T1, (2, 3), dtype=torch.float64, seed=11, levy_area=levy_area,
+                          cache_size=2)
+    first = {q: bm(*q, return_levy=True, return_area=True) for q in steps + [(0.55, 2.9)]}
+    for q in reversed(list(first)):  # backward order, after evictions, then reversed queries
+        assert all(torch.equal(x, y) for x, y in zip(bm(*q, return_levy=True, return_area=True),
+                                                     first[q]))
+        w, a = bm(q[1], q[0], return_area=True)
+        assert torch.equal(w, -first[q][0]) and torch.equal(a, -first[q][2])
+    bm.reset_cache()
+    assert torch.equal(bm(0.55, 2.9, return_area=True)[1], first[(0.55, 2.9)][2])
+    # W (and H) are those of levy_area="space-time" with the same seed
+    other = BrownianInterval(T0, T1, (2, 3), dtype=torch.float64, seed=11,
+                             levy_area="space-time", cache_size=2)
+    for q in steps:
+        assert all(torch.equal(x, y) for x, y in zip(other(*q, return_levy=True), first[q][:2]))
+
+
+@pytest.mark.parametrize("levy_area", ["davie", "foster"])
+def test_area_has_the_second_moment_of_the_levy_area(levy_area):
+    """E[A_ij] = 0 and Var(A_ij) = h²/4, the exact Lévy area's, on a single node and on
+    queries spanning several (Chen's relation). torchsde's formulas give h²/3 (Davie) and
+    11h²/50 (Foster): 33% and 12% off, against a tolerance of 6%."""
+    queries = [(T0, T1), (T0, 1.0), (1.0, 3.0), (0.7, 2.9), (0.6, 0.75)]
+    for (ta, tb), (_, _, a) in _area_samples(levy_area, queries).items():
+        var = (tb - ta) ** 2 / 4
+        n = a.size
+        assert abs(a.mean()) < 5 * math.sqrt(var / n), (ta, tb)
+        assert abs(a.var() / var - 1) < 0.06, (ta, tb, a.var() / var)
+
+
+@pytest.mark.parametrize("levy_area", ["davie", "foster"])
+def test_area_noise_has_the_claimed_conditional_law(levy_area):
+    """On a single node, λ = A − (H⊗W − W⊗H) is normal of variance h²/12 independent of H
+    (Davie) or h²/20 + (h/5)(H_i² + H_j²) given H (Foster): λ / σ is N(0, 1)."""
+    queries = [(T0, T1), (T0, 1.0), (1.0, 3.0)]
+    for (ta, tb), (w, h, a) in _area_samples(levy_area, queries).items():
+        length = tb - ta
+        lam = a - (h[:, 0] * w[:, 1] - w[:, 0] * h[:, 1])
+        squares = h[:, 0] ** 2 + h[:, 1] ** 2
+        if levy_area == "davie":
+            sigma = np.full_like(lam, length / math.sqrt(12))
+            assert abs(np.corrcoef(lam**2, squares)[0, 1]) < 5 / math.sqrt(lam.size)
+        else:
+            sigma = np.sqrt(length**2 / 20 + length / 5 * squares)
+        _assert_standard_normal(lam / sigma)
+        assert abs(np.corrcoef(lam, w[:, 0])[0, 1]) < 5 / math.sqrt(lam.size)
+
+
+def test_foster_and_davie_agree_with_the_levy_area_of_a_simulated_path_in_variance():
+    """The residual variance of the true area given (W, H), from a fine Euler path: its mean
+    is h²/12 (Davie's constant) and its regression on H_i² + H_j² is h²/20 + (h/5)(...)
+    (Foster's), the formulas the approximations use (checked here, not assumed)."""
+    gen = torch.Generator().manual_seed(0)
+    n, rows, length = 200, 20000, 1.0
+    dw = torch.randn(rows, 2, n, dtype=torch.float64, generator=gen) * math.sqrt(length / n)
+    w_path = dw.cumsum(-1)
+    before = w_path - dw
+    w = w_path[..., -1]
+    h = (0.5 * (w_path + before)).mean(-1) - 0.5 * w
+    area = 0.5 * ((before[:, 0] * dw[:, 1]).sum(-1) - (before[:, 1] * dw[:, 0]).sum(-1))
+    rest = area - (h[:, 0] * w[:, 1] - w[:, 0] * h[:, 1])
+    assert abs(float(area.var()) / (length**2 / 4) - 1) < 0.06
+    assert abs(float(rest.var()) / (length**2 / 12) - 1) < 0.06
+    squares = h[:, 0] ** 2 + h[:, 1] ** 2
+    design = torch.stack([torch.ones_like(squares), squares], -1)
+    c0, c1 = torch.linalg.lstsq(design, (rest**2).unsqueeze(-1)).solution.squeeze().tolist()
+    assert abs(c0 - length**2 / 20) < 0.01 and abs(c1 - length / 5) < 0.03, (c0, c1)

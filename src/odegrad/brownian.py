@@ -27,6 +27,23 @@ W_{s,t}. torchsde's `return_U=True` returns U = ∫_s^t (W_r − W_s) dr = h (W_
 Over s < u < t (h1 = u − s, h2 = t − u):
 H_{s,t} = (h1 H_{s,u} + h2 H_{u,t} + (h2 W_{s,u} − h1 W_{u,t})/2) / h.
 
+Full Lévy area (levy_area="davie" or "foster", returned with `return_area=True`): the
+antisymmetric matrix A_{s,t} = ½(∫ W^i dW^j − ∫ W^j dW^i) (W from W_s; i, j over the last
+dimension, the leading dimensions are a batch; a `shape` of 0 or 1 dimensions is a batch of
+scalar motions, whose area is 0, of `shape`, as in torchsde). Given (W, H) over [s, t],
+A = H⊗W − W⊗H + b exactly (A_ij = H_i W_j − W_i H_j + b_ij), b the area of the bridge part,
+Var(b_ij) = h²/12 (so Var(A_ij) = h²/4) and E[b_ij² | H] = h²/20 + (h/5)(H_i² + H_j²). Each
+node's A is that mean plus λ, with λ_ij = −λ_ji for i < j independent normals from the node's
+own seed (the same A on every query, like H), of variance
+- Davie (Davie 2014; Foster 2020, "Numerical approximations for SDEs", §7): h²/12;
+- Foster (ibid.): h²/20 + (h/5)(H_i² + H_j²), the exact conditional variance given (W, H).
+torchsde 0.2.6 draws λ = σ(N − Nᵀ), twice these variances for Davie (h²/6) and with h²/50 for
+Foster's constant: its A has Var(A_ij) = h²/3 (Davie), 11h²/50 (Foster) instead of h²/4.
+A query over several nodes adds them by Chen's relation over s < u < t:
+A_{s,t} = A_{s,u} + A_{u,t} + ½(W_{s,u}⊗W_{u,t} − W_{u,t}⊗W_{s,u}). A reversed query (tb < ta)
+gives −A (the same curve traversed backwards). As in torchsde, a node's A is not Chen's sum of
+its children's (each is its own approximation), so A depends on how the tree tiles a query.
+
 Depth. Splitting every node at the query point itself turns a forward pass over a grid
 t_0 < t_1 < ... into a chain of depth N, and re-sampling an evicted step at the end of the chain
 then walks N nodes (the backward pass would cost O(N²)). So a node [a, b] is split at the query
@@ -65,13 +82,14 @@ from .errors import InvalidInputError, UnknownNameError, UnsupportedCombinationE
 
 __all__ = ["BrownianInterval", "LEVY_AREAS"]
 
-LEVY_AREAS = ("none", "space-time")
+LEVY_AREAS = ("none", "space-time", "davie", "foster")
 
 _MASK64 = (1 << 64) - 1
 _LEFT_KEY = 0x243F6A8885A308D3  # arbitrary distinct 64-bit constants: the digits of pi
 _RIGHT_KEY = 0x13198A2E03707344
 _NOISE_KEY = 0xA4093822299F31D0
 _ROOT_KEY = 0x082EFA98EC4E6C89
+_AREA_KEY = 0xBE5466CF34E90C6C
 _SPLIT_MARGIN = 0.125  # a node is split at a query point at least this fraction from its ends
 _OUT_OF_RANGE_ULPS = 4  # a query this many ulps past t0 or t1 is clamped, beyond that refused
 
@@ -123,8 +141,12 @@ class BrownianInterval:
 
     `bm(ta, tb)` is W(tb) − W(ta), `bm(ta)` is W(ta) − W(t0); with `levy_area="space-time"`,
     `bm(ta, tb, return_levy=True)` is (W(tb) − W(ta), H) with H the space-time Lévy area of the
-    interval (module docstring). Times may be floats or 0-dim tensors; they are read as floats,
-    so the increments are constants for autograd (a Brownian path has no time derivative).
+    interval (module docstring); with levy_area="davie" or "foster" also, `return_area=True`
+    adds A, the Davie or Foster approximation of the full Lévy area, of shape (*shape, d)
+    (module docstring): `bm(ta, tb, return_levy=True, return_area=True)` is (W, H, A),
+    `bm(ta, tb, return_area=True)` is (W, A). Times may be floats or 0-dim tensors; they are
+    read as floats, so the increments are constants for autograd (a Brownian path has no time
+    derivative).
     `seed=None` draws a seed from Python's `random` (torch's global RNG is never touched; the
     seed is kept in `.seed`). `cache_size` bounds the cached intervals (None: unbounded).
     """
@@ -160,7 +182,8 @@ class BrownianInterval:
 
         self._t0, self._t1 = t0, t1
         self._shape, self._dtype, self._device = shape, dtype, device
-        self._levy_area, self._with_levy = levy_area, levy_area == "space-time"
+        self._levy_area, self._with_levy = levy_area, levy_area != "none"
+        self._with_area = levy_area in ("davie", "foster")
         self._seed, self._cache_size = seed, cache_size
         self._tolerance = _OUT_OF_RANGE_ULPS * math.ulp(max(abs(t0), abs(t1)))
         self._root = _Node(t0, t1, None, _mix64(seed))
@@ -177,7 +200,8 @@ class BrownianInterval:
     shape = property(lambda self: self._shape, doc="Shape of every increment (torch.Size).")
     dtype = property(lambda self: self._dtype, doc="dtype of the increments.")
     device = property(lambda self: self._device, doc="device of the increments.")
-    levy_area = property(lambda self: self._levy_area, doc='"none" or "space-time".')
+    levy_area = property(lambda self: self._levy_area,
+                         doc='"none", "space-time", "davie" or "foster".')
     seed = property(lambda self: self._seed, doc="The seed that determines the path.")
     cache_size = property(lambda self: self._cache_size, doc="Most intervals cached at once.")
     n_cached = property(lambda self: len(self._cache), doc="Intervals cached now.")
@@ -198,29 +222,47 @@ class BrownianInterval:
     # -- queries --------------------------------------------------------------------------------
 
     def __call__(self, ta: float | Tensor, tb: float | Tensor | None = None,
-                 return_levy: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-        """W(tb) − W(ta) (W(ta) − W(t0) when tb is None); with `return_levy`, also H.
+                 return_levy: bool = False, return_area: bool = False
+                 ) -> Tensor | tuple[Tensor, ...]:
+        """W(tb) − W(ta) (W(ta) − W(t0) when tb is None); with `return_levy`, also H; with
+        `return_area`, also A (last): (W, H, A), (W, H) or (W, A).
 
-        tb < ta gives exactly the negated increment of [tb, ta] and the same H: the definition
-        H = (1/(tb−ta)) ∫_ta^tb (W_r − W_ta) dr − (W_tb − W_ta)/2 is symmetric in (ta, tb).
+        tb < ta gives exactly the negated increment of [tb, ta], the same H (the definition
+        H = (1/(tb−ta)) ∫_ta^tb (W_r − W_ta) dr − (W_tb − W_ta)/2 is symmetric in (ta, tb))
+        and −A.
         """
         if return_levy and not self._with_levy:
             raise UnsupportedCombinationError(
                 "return_levy=True needs the space-time Lévy area: construct the BrownianInterval "
-                "with levy_area='space-time'")
+                "with levy_area='space-time' (or 'davie' / 'foster')")
+        if return_area and not self._with_area:
+            raise UnsupportedCombinationError(
+                "return_area=True needs an approximation of the full Lévy area: construct the "
+                "BrownianInterval with levy_area='davie' or 'foster'")
         if tb is None:
             ta, tb = self._t0, self._clamp(_as_time(ta, "ta"), "ta")
         else:
             ta, tb = self._clamp(_as_time(ta, "ta"), "ta"), self._clamp(_as_time(tb, "tb"), "tb")
         if ta == tb:
             zero = torch.zeros(self._shape, dtype=self._dtype, device=self._device)
-            return (zero, zero.clone()) if return_levy else zero
-        reverse = tb < ta
-        if reverse:
-            ta, tb = tb, ta
-        w, h = self._increment(ta, tb)
-        w = -w if reverse else w
-        return (w, h) if return_levy else w
+            w, h, a = zero, zero.clone(), (torch.zeros(self._area_shape(), dtype=self._dtype,
+                                                       device=self._device)
+                                           if return_area else None)
+        else:
+            reverse = tb < ta
+            if reverse:
+                ta, tb = tb, ta
+            w, h, a = self._increment(ta, tb, return_area)
+            if reverse:
+                w = -w
+                a = -a if a is not None else None
+        if not (return_levy or return_area):
+            return w
+        return (w,) + ((h,) if return_levy else ()) + ((a,) if return_area else ())
+
+    def _area_shape(self) -> torch.Size:
+        """(*shape, d) for a shape of 2 or more dimensions, else `shape` (module docstring)."""
+        return self._shape + self._shape[-1:] if len(self._shape) >= 2 else self._shape
 
     def _clamp(self, t: float, name: str) -> float:
         if t < self._t0:
@@ -235,21 +277,52 @@ class BrownianInterval:
             return self._t1
         return t
 
-    def _increment(self, ta: float, tb: float) -> tuple[Tensor, Tensor | None]:
-        """(W, H) over [ta, tb], ta < tb: the sum over the nodes that tile it (fresh tensors)."""
+    def _increment(self, ta: float, tb: float, area: bool = False
+                   ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """(W, H, A) over [ta, tb], ta < tb: the sum over the nodes that tile it (fresh tensors;
+        A is None unless `area`), H and A by the aggregation rules of the module docstring."""
         nodes = self._tiling(ta, tb)
         w, h = self._values(nodes[0])
+        a = self._area(nodes[0], w, h) if area else None
         if len(nodes) == 1:
-            return w.clone(), (h.clone() if h is not None else None)
+            return w.clone(), (h.clone() if h is not None else None), a
         start = nodes[0].start
+        pairs = len(self._shape) >= 2
         for node in nodes[1:]:
             w_i, h_i = self._values(node)
             if h is not None:
                 before, length = node.start - start, node.end - node.start
                 h = ((before * h + length * h_i + 0.5 * (length * w - before * w_i))
                      / (before + length))
+            if a is not None:
+                a = a + self._area(node, w_i, h_i)
+                if pairs:
+                    cross = w.unsqueeze(-1) * w_i.unsqueeze(-2)
+                    a = a + 0.5 * (cross - cross.transpose(-1, -2))
             w = w + w_i
-        return w, h
+        return w, h, a
+
+    def _area(self, node: _Node, w: Tensor, h: Tensor) -> Tensor:
+        """A node's Davie or Foster area: H⊗W − W⊗H + λ, λ_ij = −λ_ji (i < j) normals from
+        the node's seed, of variance h²/12 (Davie) or h²/20 + (h/5)(H_i² + H_j²) (Foster)."""
+        if len(self._shape) < 2:
+            return torch.zeros(self._shape, dtype=self._dtype, device=self._device)
+        length = node.end - node.start
+        if self._generator is None:
+            self._generator = torch.Generator(device=self._device)
+        self._generator.manual_seed(_mix64(node.seed ^ _AREA_KEY))
+        self._n_draws += 1
+        noise = torch.randn(self._area_shape(), dtype=self._dtype, device=self._device,
+                            generator=self._generator).triu(1)
+        noise = noise - noise.transpose(-1, -2)  # independent N(0, 1) above the diagonal
+        if self._levy_area == "foster":
+            square = h * h
+            noise = noise * (length * length / 20
+                             + length / 5 * (square.unsqueeze(-1) + square.unsqueeze(-2))).sqrt()
+        else:
+            noise = noise * math.sqrt(length * length / 12)
+        mean = h.unsqueeze(-1) * w.unsqueeze(-2)
+        return mean - mean.transpose(-1, -2) + noise
 
     # -- the tree -------------------------------------------------------------------------------
 

@@ -7,15 +7,18 @@ warning, times outside [t0, t1] clamped with its warning, ta > tb a RuntimeError
 odegrad's: seeded by `entropy`, the same values on every query, exact space-time Lévy area;
 the same entropy gives another path than torchsde's (another generator), with the same law.
 
-Honoured: levy_area_approximation "none" and "space-time" (return_U: U = h (W/2 + H));
+Honoured: levy_area_approximation "none", "space-time" (return_U: U = h (W/2 + H)), "davie"
+and "foster" (return_A: odegrad's Davie / Foster approximation of the full Lévy area, shape
+(*size, size[-1]), or zeros of `size` for a size of 0 or 1 dimensions, as in torchsde; its
+noise term has the variances of the literature, half of torchsde's for Davie, see
+odegrad/brownian.py);
 `W=` (the increment over [t0, t1]: the path is conditioned on it exactly, by adding the drift
 (t − t0)/(t1 − t0) · (W − B(t0, t1)) to a free path B, which leaves H unchanged);
 `cache_size`; `dt` (torchsde's hint for laying out its tree: odegrad's tree needs none, so it
 changes nothing, by design). `BrownianPath(t0, w0)` (an interval over [t0, t0 + 1] with an
 unbounded cache, point queries offset by w0) and `ReverseBrownian(bm)` (W at −t).
 
-Refused (UnsupportedCombinationError, a ValueError): levy_area_approximation "davie" and
-"foster" and return_A (no Lévy area approximation in odegrad), `halfway_tree=True` and a
+Refused (UnsupportedCombinationError, a ValueError): `halfway_tree=True` and a
 non-zero `tol` (a path determined by the entropy alone, whatever the query order, and query
 times rounded to tol: odegrad's interval has neither), `pool_size` other than 8 (the size of
 torchsde's numpy entropy pool; odegrad derives seeds by SplitMix64), `H=`, and `BrownianTree`
@@ -62,7 +65,9 @@ def _scalar(value, name: str) -> float:
 
 class _Conditioned:
     """A free path B conditioned on its increment over [t0, t1] being `w`: increments
-    B(a, b) + (b − a)/(t1 − t0) · (w − B(t0, t1)); space-time Lévy area that of B."""
+    B(a, b) + (b − a)/(t1 − t0) · (w − B(t0, t1)); space-time Lévy area H that of B; full
+    Lévy area A + h (H⊗c − c⊗H), c = (w − B(t0, t1))/(t1 − t0) the added drift (Chen's
+    relation with a linear path), which is again H⊗W − W⊗H + λ of the conditioned W."""
 
     def __init__(self, free: OdegradBrownianInterval, w: Tensor):
         self.free = free
@@ -70,8 +75,16 @@ class _Conditioned:
         self.shape, self.dtype, self.device = free.shape, free.dtype, free.device
         self._gap = w - free(free.t0, free.t1)
 
-    def __call__(self, ta: float, tb: float, return_levy: bool = False):
+    def __call__(self, ta: float, tb: float, return_levy: bool = False,
+                 return_area: bool = False):
         scale = (float(tb) - float(ta)) / (self.t1 - self.t0)
+        if return_area:
+            w, h, a = self.free(ta, tb, return_levy=True, return_area=True)
+            if len(self.shape) >= 2:
+                drift = h.unsqueeze(-1) * (scale * self._gap).unsqueeze(-2)
+                a = a + drift - drift.transpose(-1, -2)
+            w = w + scale * self._gap
+            return (w, h, a) if return_levy else (w, a)
         if return_levy:
             w, h = self.free(ta, tb, return_levy=True)
             return w + scale * self._gap, h
@@ -94,12 +107,6 @@ class BrownianInterval(BaseBrownian):
             raise UnknownNameError(
                 f"`levy_area_approximation` must be one of {LEVY_AREA_APPROXIMATIONS}, but got "
                 f"{levy_area_approximation!r}.")
-        if levy_area_approximation in (LEVY_AREA_APPROXIMATIONS.davie,
-                                       LEVY_AREA_APPROXIMATIONS.foster):
-            raise UnsupportedCombinationError(
-                f"levy_area_approximation={levy_area_approximation!r} is not supported by odegrad "
-                "(no Davie or Foster approximation of the full Lévy area, which only torchsde's "
-                "log_ode method uses); use 'none', or 'space-time' (exact)")
         if halfway_tree:
             raise UnsupportedCombinationError(
                 "halfway_tree=True (a path that depends on the entropy alone, whatever the query "
@@ -137,7 +144,7 @@ class BrownianInterval(BaseBrownian):
         self._levy_area_approximation = levy_area_approximation
         self._free = OdegradBrownianInterval(
             t0, t1, tuple(size), dtype=dtype, device=device, seed=entropy,
-            levy_area="none" if levy_area_approximation == "none" else "space-time",
+            levy_area=str(levy_area_approximation),
             cache_size=cache_size)
         self._view = self._free if W is None else _Conditioned(self._free, W)
         self._entropy, self._dt, self._cache_size = self._free.seed, dt, cache_size
@@ -163,11 +170,12 @@ class BrownianInterval(BaseBrownian):
                 f"levy_area_approximation={self.levy_area_approximation!r}) [odegrad]")
 
     def __call__(self, ta, tb=None, return_U=False, return_A=False):  # noqa: N803
-        """W(tb) − W(ta) (and U = ∫_ta^tb (W_r − W_ta) dr with return_U), torchsde's rules."""
-        if return_A:
-            raise UnsupportedCombinationError(
-                "return_A=True (the Lévy area approximation A) is not supported by odegrad; use "
-                "return_U=True with levy_area_approximation='space-time'")
+        """W(tb) − W(ta) (and U = ∫_ta^tb (W_r − W_ta) dr with return_U, the Lévy area
+        approximation A with return_A: (W, U, A), (W, U) or (W, A)), torchsde's rules."""
+        if return_A and self._levy_area_approximation not in (LEVY_AREA_APPROXIMATIONS.davie,
+                                                              LEVY_AREA_APPROXIMATIONS.foster):
+            raise InvalidInputError(
+                "return_A=True needs levy_area_approximation='davie' or 'foster'")
         if return_U and self._levy_area_approximation == LEVY_AREA_APPROXIMATIONS.none:
             raise InvalidInputError(
                 "return_U=True needs levy_area_approximation='space-time'")
@@ -179,6 +187,9 @@ class BrownianInterval(BaseBrownian):
         ta, tb = self._clamp(float(ta), "ta"), self._clamp(float(tb), name_b)
         if ta > tb:
             raise RuntimeError(f"Query times ta={ta:.3f} and tb={tb:.3f} must respect ta <= tb.")
+        if return_A:
+            w, h, a = self._view(ta, tb, return_levy=True, return_area=True)
+            return (w, (tb - ta) * (0.5 * w + h), a) if return_U else (w, a)
         if not return_U:
             return self._view(ta, tb)
         w, h = self._view(ta, tb, return_levy=True)
