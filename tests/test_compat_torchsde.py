@@ -305,8 +305,6 @@ def test_brownian_protocol_follows_torchsde():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(levy_area_approximation="davie"), "davie"),
-    (dict(levy_area_approximation="foster"), "foster"),
     (dict(halfway_tree=True, tol=1e-5), "halfway_tree"),
     (dict(tol=1e-5), "tol"),
     (dict(pool_size=16), "pool_size"),
@@ -317,12 +315,96 @@ def test_brownian_refusals(kwargs, match):
         shim.BrownianInterval(0.0, 1.0, (2,), **kwargs)
 
 
-def test_brownian_tree_and_return_a_refused():
+def test_brownian_tree_and_return_a_without_an_approximation_refused():
     with pytest.raises(UnsupportedCombinationError, match="halfway_tree"):
         shim.BrownianTree(0.0, torch.zeros(2))
     bm = shim.BrownianInterval(0.0, 1.0, (2,), levy_area_approximation="space-time")
-    with pytest.raises(UnsupportedCombinationError, match="return_A"):
+    with pytest.raises(InvalidInputError, match="return_A"):
         bm(0.0, 0.5, return_A=True)
+
+
+@pytest.mark.parametrize("approximation", ["davie", "foster"])
+def test_levy_area_approximations_protocol_and_shapes(approximation):
+    """torchsde's return orders and shapes (as test_shape of its suite); W and U are those of
+    'space-time' with the same entropy; a reversed path (ReverseBrownian) passes A through."""
+    for size, a_shape in (((BATCH, D), (BATCH, D, D)), ((BATCH,), (BATCH,)), ((), ())):
+        bm = shim.BrownianInterval(0.0, 1.0, size, entropy=7,
+                                   levy_area_approximation=approximation)
+        plain = shim.BrownianInterval(0.0, 1.0, size, entropy=7,
+                                      levy_area_approximation="space-time")
+        w, u, a = bm(0.25, 0.75, return_U=True, return_A=True)
+        w2, a2 = bm(0.25, 0.75, return_A=True)
+        assert w.shape == u.shape == size and a.shape == a_shape
+        assert torch.equal(w2, w) and torch.equal(a2, a)
+        w3, u3 = plain(0.25, 0.75, return_U=True)
+        assert torch.equal(w3, w) and torch.equal(u3, u)
+        assert torch.equal(shim.ReverseBrownian(bm)(-0.75, -0.25, return_A=True)[1], a)
+
+
+@pytest.mark.parametrize("approximation", ["davie", "foster"])
+def test_levy_area_approximations_against_torchsde(approximation):
+    """Both give A = H⊗W − W⊗H + λ, λ antisymmetric, centred, independent of W (the same
+    definition); λ's variance differs by design: the shim's is the literature's (h²/12 for
+    Davie, h²/20 + (h/5)(H_i² + H_j²) for Foster, so Var(A_ij) = h²/4 as for the true Lévy
+    area), torchsde 0.2.6's is twice Davie's and h²/50 + (h/5)(...) for Foster."""
+    rows, ta, tb = 20000, 0.0, 1.0  # the root interval: one node in both
+
+    def residual(module, bm_kwargs):
+        bm = module.BrownianInterval(ta, tb, (rows, 2), dtype=torch.float64, entropy=3,
+                                     levy_area_approximation=approximation, **bm_kwargs)
+        w, u, a = bm(ta, tb, return_U=True, return_A=True)
+        h = u / (tb - ta) - 0.5 * w
+        # antisymmetric (torchsde's to rounding: its Foster σ_ij sums H_i², H_j² in order)
+        torch.testing.assert_close(a, -a.transpose(-1, -2), rtol=0, atol=1e-15)
+        lam = a[:, 0, 1] - (h[:, 0] * w[:, 1] - w[:, 0] * h[:, 1])
+        return lam, h, w
+
+    tol = 5 / math.sqrt(rows)
+    variances = {}
+    for name, module in (("shim", shim), ("torchsde", torchsde)):
+        lam, h, w = residual(module, {})
+        squares = h[:, 0] ** 2 + h[:, 1] ** 2
+        base = torch.full_like(squares, 1 / 12) if approximation == "davie" else \
+            1 / 20 + squares / 5
+        ratio = float((lam**2 / base).mean())
+        variances[name] = ratio
+        assert abs(float(lam.mean()) / float(lam.std())) < tol
+        assert abs(float(torch.corrcoef(torch.stack([lam, w[:, 0]]))[0, 1])) < tol
+    assert abs(variances["shim"] - 1) < 0.05, variances
+    if approximation == "davie":  # torchsde: sigma (N - N^T), twice the variance
+        assert abs(variances["torchsde"] - 2) < 0.1, variances
+    else:  # torchsde: 2 (h/10)(h/10 + H_i^2 + H_j^2), below the exact conditional variance
+        assert variances["torchsde"] < 0.85, variances
+
+
+def test_levy_area_approximation_conditioned_on_w():
+    """With W=, A of the conditioned path is H⊗W − W⊗H + λ with the free path's λ."""
+    w_end = torch.tensor([[0.7, -1.2, 0.1]], dtype=torch.float64)
+    bm = shim.BrownianInterval(0.0, 2.0, W=w_end, entropy=4, levy_area_approximation="davie")
+    free = shim.BrownianInterval(0.0, 2.0, (1, 3), dtype=torch.float64, entropy=4,
+                                 levy_area_approximation="davie")
+    free(0.0, 2.0)
+    for ta, tb in ((0.0, 2.0), (0.0, 0.6), (0.6, 2.0)):
+        results = []
+        for motion in (bm, free):
+            w, u, a = motion(ta, tb, return_U=True, return_A=True)
+            h = u / (tb - ta) - 0.5 * w
+            mean = h.unsqueeze(-1) * w.unsqueeze(-2)
+            results.append((w, a - (mean - mean.transpose(-1, -2))))
+        torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(bm(0.0, 2.0), w_end, rtol=1e-14, atol=1e-14)
+
+
+def test_sdeint_with_a_davie_brownian_motion_solves_on_the_same_path():
+    sde = Diagonal("ito")
+    y0 = torch.full((BATCH, D), 0.5, dtype=torch.float64)
+    ts = torch.tensor(TS, dtype=torch.float64)
+    outs = []
+    for approximation in ("davie", "space-time"):
+        bm = shim.BrownianInterval(0.0, 1.0, (BATCH, D), dtype=torch.float64, entropy=9,
+                                   levy_area_approximation=approximation)
+        outs.append(shim.sdeint(sde, y0, ts, bm, method="euler", dt=DT))
+    assert torch.equal(outs[0], outs[1])
 
 
 @pytest.mark.parametrize("sde_type, kwargs, error, match", [
@@ -340,8 +422,10 @@ def test_brownian_tree_and_return_a_refused():
      "grad_free"),
     ("stratonovich", dict(method="midpoint", names={"drfit": "f"}), UnknownNameError, "drfit"),
     ("stratonovich", dict(method="midpoint", rtoll=1e-3), UnknownNameError, "rtoll"),
-    ("stratonovich", dict(method="reversible_heun", extra=True), UnsupportedCombinationError,
-     "extra"),
+    ("stratonovich", dict(method="heun", extra_solver_state=(torch.zeros(1),)),
+     InvalidInputError, "keeps no extra state"),
+    ("stratonovich", dict(method="reversible_heun", extra_solver_state=(torch.zeros(1),)),
+     InvalidInputError, "solver_state"),
 ])
 def test_sdeint_refusals(sde_type, kwargs, error, match):
     with pytest.raises(error, match=match):
@@ -349,7 +433,12 @@ def test_sdeint_refusals(sde_type, kwargs, error, match):
 
 
 @pytest.mark.parametrize("sde_type, kwargs, match", [
-    ("ito", dict(method="euler"), "Itô"),
+    ("ito", dict(method="euler", adjoint_method="euler"), "converted to Stratonovich"),
+    ("ito", dict(method="milstein", adjoint_method="milstein"), "converted to Stratonovich"),
+    ("ito", dict(method="euler", adjoint_method="srk"), "Stratonovich scheme"),
+    ("stratonovich", dict(method="reversible_heun", extra=True), "torch.no_grad"),
+    ("stratonovich", dict(method="reversible_heun", extra_solver_state=(torch.zeros(1),) * 3),
+     "use sdeint"),
     ("stratonovich", dict(method="midpoint", adjoint_adaptive=True), "adjoint_adaptive"),
     ("stratonovich", dict(method="midpoint", adjoint_method="adjoint_reversible_heun"),
      "needs method='reversible_heun'"),
@@ -363,8 +452,112 @@ def test_sdeint_adjoint_refusals(sde_type, kwargs, match):
 
 
 def test_extra_state_of_stateless_methods_is_empty():
-    ys, extra = shim.sdeint(Diagonal("ito"), _y0(), TS, method="euler", dt=DT, extra=True)
+    bm = _bm((BATCH, D))
+    ys, extra = shim.sdeint(Diagonal("ito"), _y0(), TS, bm, method="euler", dt=DT, extra=True)
     assert extra == () and ys.shape == (len(TS), BATCH, D)
+    again = shim.sdeint(Diagonal("ito"), _y0(), TS, bm, method="euler", dt=DT,
+                        extra_solver_state=())
+    torch.testing.assert_close(again, ys, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("sde_cls, size", [(Diagonal, (BATCH, D)), (General, (BATCH, M))])
+def test_reversible_heun_extra_state_matches_torchsde(sde_cls, size):
+    """extra=True gives reversible Heun's (f, g, z) at ts[-1], torchsde's own on the same path;
+    extra_solver_state= continues from it: [0, 0.5] then [0.5, 1] is the solve over [0, 1], in
+    the shim as in torchsde, and the gradient flows through the state (sdeint: autograd)."""
+    sde = sde_cls("stratonovich")
+    bm = _bm(size)
+    kwargs = dict(method="reversible_heun", dt=DT, extra=True)
+    ys_real, state_real = torchsde.sdeint(sde, _y0(), TS, bm, **kwargs)
+    ys, state = shim.sdeint(sde, _y0(), TS, bm, **kwargs)
+    torch.testing.assert_close(ys, ys_real, rtol=1e-12, atol=1e-12)
+    assert len(state) == 3
+    for a, b in zip(state, state_real):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+    y0 = _y0().requires_grad_()
+    whole, _ = shim.sdeint(sde, y0, TS, bm, **kwargs)
+    first, middle = shim.sdeint(sde, y0, TS[:3], bm, **kwargs)
+    second, end = shim.sdeint(sde, first[-1], TS[2:], bm, extra_solver_state=middle, **kwargs)
+    real_second, real_end = torchsde.sdeint(sde, ys_real[2], TS[2:], bm,
+                                            extra_solver_state=state_middle_real(sde, bm),
+                                            **kwargs)
+    torch.testing.assert_close(second[-1], whole[-1], rtol=0, atol=1e-15)
+    torch.testing.assert_close(second, real_second, rtol=1e-12, atol=1e-12)
+    for a, b in zip(end, real_end):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    want = torch.autograd.grad(whole[-1].pow(2).sum(), [y0, *sde.parameters()])
+    got = torch.autograd.grad(second[-1].pow(2).sum(), [y0, *sde.parameters()])
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def state_middle_real(sde, bm):
+    """torchsde's reversible Heun state at TS[2] (detached)."""
+    with torch.no_grad():
+        _, state = torchsde.sdeint(sde, _y0(), TS[:3], bm, method="reversible_heun", dt=DT,
+                                   extra=True)
+    return state
+
+
+def test_reversible_heun_extra_state_under_sdeint_adjoint_without_grad():
+    sde = Diagonal("stratonovich")
+    bm = _bm((BATCH, D))
+    with torch.no_grad():
+        ys, state = shim.sdeint_adjoint(sde, _y0(), TS, bm, method="reversible_heun", dt=DT,
+                                        extra=True)
+        _, real = torchsde.sdeint(sde, _y0(), TS, bm, method="reversible_heun", dt=DT,
+                                  extra=True)
+    for a, b in zip(state, real):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_adjoint_stratonovich_milstein_forward_equals_torchsde_adjoint():
+    """A forward milstein under sdeint_adjoint (odegrad's stochastic adjoint constrains only
+    the backward scheme): the default adjoint_method is midpoint in both, and torchsde's own
+    adjoint gives the same gradient on the same path to round-off."""
+    sde = Diagonal("stratonovich")
+    bm = _bm((BATCH, D))
+    kwargs = dict(method="milstein", dt=DT)
+    ys, mine = _gradients(lambda y0: shim.sdeint_adjoint(sde, y0, TS, bm, **kwargs), sde, _y0())
+    ys_real, real = _gradients(lambda y0: torchsde.sdeint_adjoint(sde, y0, TS, bm, **kwargs),
+                               sde, _y0())
+    torch.testing.assert_close(ys, ys_real, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(mine, real, rtol=1e-10, atol=1e-12)
+    # grad_free (odegrad's auxiliary point differs, module docstring): the forward is sdeint's
+    options = {"grad_free": True}
+    free = shim.sdeint_adjoint(sde, _y0(), TS, bm, options=options, **kwargs)
+    torch.testing.assert_close(free, shim.sdeint(sde, _y0(), TS, bm, options=options, **kwargs),
+                               rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", ["euler", "milstein"])
+def test_adjoint_ito_approaches_direct_and_torchsde_adjoint(method):
+    """sdeint_adjoint on an Itô SDE (odegrad: Stratonovich form of the adjoint, midpoint;
+    torchsde: its Itô adjoint, milstein): both approximate the same gradient, so they approach
+    each other as dt shrinks, and for Milstein (strong order 1) the shim's approaches autograd
+    through the same forward scheme."""
+    sde = Diagonal("ito")
+    ts = [0.0, 0.5, 1.0]
+    bm = torchsde.BrownianInterval(0.0, 1.0, (BATCH, D), dtype=torch.float64, entropy=7)
+    to_real, to_direct = [], []
+    for dt in (2.0**-4, 2.0**-6, 2.0**-8):
+        _, direct = _gradients(
+            lambda y0, dt=dt: shim.sdeint(sde, y0, ts, bm, method=method, dt=dt), sde, _y0())
+        ys, mine = _gradients(
+            lambda y0, dt=dt: shim.sdeint_adjoint(sde, y0, ts, bm, method=method, dt=dt),
+            sde, _y0())
+        ys_real, real = _gradients(
+            lambda y0, dt=dt: torchsde.sdeint_adjoint(sde, y0, ts, bm, method=method, dt=dt),
+            sde, _y0())
+        torch.testing.assert_close(ys, ys_real, rtol=1e-12, atol=1e-12)
+        to_real.append(float((mine - real).norm() / real.norm()))
+        to_direct.append(float((mine - direct).norm() / direct.norm()))
+    assert to_real[1] < 0.4 * to_real[0] and to_real[2] < 0.4 * to_real[1], to_real
+    assert to_real[2] < 2e-3, to_real
+    if method == "milstein":
+        assert to_direct[1] < 0.4 * to_direct[0] and to_direct[2] < 0.4 * to_direct[1]
+        assert to_direct[2] < 3e-3, to_direct
 
 
 def test_settings_and_types_as_torchsde():

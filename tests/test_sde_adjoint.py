@@ -1,6 +1,7 @@
 """The stochastic adjoint (gradient="backsolve" for SDEs, Li et al. 2020) converges to the
-closed-form pathwise gradient of geometric Brownian motion as dt halves, and the SDE API's
-refusals name what to use instead."""
+closed-form pathwise gradient of geometric Brownian motion (Stratonovich and Itô) as dt halves,
+and to autograd through the same forward scheme; the SDE API's refusals name what to use
+instead. Also: reversible Heun's solver state (stats["solver_state"], option solver_state=)."""
 
 import pytest
 import torch
@@ -82,8 +83,11 @@ def solve(**kwargs):
 
 
 @pytest.mark.parametrize("kwargs, error, words", [
-    ({"method": "euler", "gradient": "backsolve"}, odegrad.UnsupportedCombinationError,
+    ({"gradient": "backsolve", "adjoint_method": "euler"}, odegrad.UnsupportedCombinationError,
      "Stratonovich"),
+    ({"gradient": "backsolve", "adjoint_method": "milstein"},
+     odegrad.UnsupportedCombinationError, "reads ∂g/∂y"),
+    ({"gradient": "backsolve", "adjoint_method": "nope"}, odegrad.UnknownNameError, "midpoint"),
     ({"gradient": "interpolated"}, odegrad.UnsupportedCombinationError, "backsolve"),
     ({"gradient": "reversible"}, odegrad.UnsupportedCombinationError, "reversible_heun"),
     ({"method": "milstein", "noise_type": "general", "brownian_size": 2},
@@ -212,3 +216,160 @@ def test_backsolve_with_outputs_inside_steps():
 
 def rel_max(a, b):
     return float((a - b).abs().max() / b.abs().max())
+
+
+# ---- Itô problems: forward by an Itô scheme, backward on the Stratonovich form -------------
+
+
+def ito_closed_form_and_solve():
+    """Itô GBM dy = μy dt + σy dW: y(t) = y0 exp((μ − σ²/2)t + σW_t); the pathwise gradient of
+    L = Σ y(1) + Σ y(0.4)² w.r.t. y0, μ and σ in closed form (σ enters the drift of the
+    Stratonovich form, so a missing Itô correction would converge elsewhere)."""
+    mu = torch.tensor(0.3, dtype=DT, requires_grad=True)
+    sigma = torch.tensor(0.6, dtype=DT, requires_grad=True)
+    y0 = torch.linspace(0.5, 1.5, PATHS, dtype=DT)[:, None].requires_grad_()
+    bm = BrownianInterval(0.0, 1.0, (PATHS, 1), dtype=DT, seed=7)
+    inputs = [y0, mu, sigma]
+    drift = mu - 0.5 * sigma**2
+    y1 = y0 * torch.exp(drift + sigma * bm(0.0, 1.0))
+    y04 = y0 * torch.exp(0.4 * drift + sigma * bm(0.0, 0.4))
+    exact = flat(torch.autograd.grad(y1.sum() + y04.pow(2).sum(), inputs))
+
+    def gradient(method, dt, gradient, **options):
+        sol = odegrad.solve_sde(lambda t, y: mu * y, lambda t, y: sigma * y, y0, T, bm,
+                                method=method, dt=dt, gradient=gradient, params=[mu, sigma],
+                                sde_type="ito", **options)
+        grads = flat(torch.autograd.grad(sol.ys[-1].sum() + sol.ys[1].pow(2).sum(), inputs))
+        return grads, sol.stats
+
+    return exact, gradient
+
+
+def rel_l2(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("method", ["euler", "milstein"])
+def test_backsolve_ito_converges_to_the_closed_form(method):
+    exact, gradient = ito_closed_form_and_solve()
+    errors, gaps = [], []
+    for dt in (0.1, 0.05, 0.025, 0.0125):
+        backsolve, stats = gradient(method, dt, "backsolve")
+        direct, _ = gradient(method, dt, "direct")
+        assert stats["adjoint_method"] == "midpoint" and stats["method"] == method
+        errors.append(rel_l2(backsolve, exact))
+        gaps.append(rel_l2(backsolve, direct))
+    # Milstein: strong order 1 (error ÷ 8 over 8x dt), Euler–Maruyama ½ (÷ 2.8)
+    assert all(b < a for a, b in zip(errors, errors[1:])), errors
+    assert errors[-1] < 0.3 * errors[0] and errors[-1] < 0.05, errors
+    assert gaps[-1] < 0.3 * gaps[0] and gaps[-1] < 0.02, gaps
+
+
+def test_backsolve_ito_with_a_stratonovich_adjoint_method():
+    """adjoint_method= any Stratonovich scheme that uses g only through g·ΔW."""
+    exact, gradient = ito_closed_form_and_solve()
+    errors = [rel_l2(gradient("milstein", dt, "backsolve", adjoint_method="heun")[0], exact)
+              for dt in (0.05, 0.0125)]
+    assert errors[1] < 0.4 * errors[0] and errors[1] < 0.05, errors
+
+
+class CrossDiffusion(torch.nn.Module):
+    """g with g_i depending on every y_j (diagonal) or an (d, m) matrix (general): the Itô
+    correction Σ_k (∂g_{·k}/∂y) g_{·k} with its cross terms, and its second derivatives in the
+    adjoint."""
+
+    def __init__(self, noise_type, d=2, m=3):
+        super().__init__()
+        gen = torch.Generator().manual_seed(4)
+        self.noise_type, self.m = noise_type, m
+        out = d if noise_type == "diagonal" else d * m
+        self.w = torch.nn.Parameter(0.5 * torch.randn(out, d, generator=gen, dtype=DT))
+        self.c = torch.nn.Parameter(0.3 + 0.1 * torch.rand(out, generator=gen, dtype=DT))
+
+    def forward(self, t, y):
+        out = self.c * torch.tanh(y @ self.w.T + 0.5)
+        return out if self.noise_type == "diagonal" else out.reshape(*y.shape, self.m)
+
+
+@pytest.mark.parametrize("noise_type", ["diagonal", "general"])
+def test_backsolve_ito_approaches_direct_through_euler(noise_type):
+    """A nonlinear Itô SDE: backsolve through an Euler–Maruyama forward approaches autograd
+    through the same Euler–Maruyama forward (both tend to the SDE's gradient) as dt shrinks."""
+    g = CrossDiffusion(noise_type)
+    theta = torch.tensor([0.7, -0.4], dtype=DT, requires_grad=True)
+    gen = torch.Generator().manual_seed(2)
+    y0 = (0.5 * torch.randn(64, 2, generator=gen, dtype=DT)).requires_grad_()
+    t = torch.tensor([0.0, 0.5, 1.0], dtype=DT)
+    size = None if noise_type == "diagonal" else g.m
+    bm = BrownianInterval(0.0, 1.0, (64, 2 if size is None else size), dtype=DT, seed=5)
+    inputs = [y0, theta, *g.parameters()]
+
+    def grads(dt, gradient):
+        ys = sdeint(lambda s, y: theta * torch.sin(y) - y, g, y0, t, bm, method="euler",
+                    dt=dt, sde_type="ito", noise_type=noise_type, gradient=gradient,
+                    params=[theta, *g.parameters()])
+        return flat(torch.autograd.grad(ys[1:].pow(2).sum() + ys[-1, :, 0].sum(), inputs))
+
+    gaps = [rel_l2(grads(dt, "backsolve"), grads(dt, "direct")) for dt in (0.1, 0.025, 0.00625)]
+    assert gaps[1] < 0.7 * gaps[0] and gaps[2] < 0.7 * gaps[1] and gaps[2] < 0.03, gaps
+
+
+def test_backsolve_forward_milstein_on_a_stratonovich_sde():
+    """The forward scheme is free (a solve without a graph): Stratonovich Milstein forward,
+    midpoint backward (the default when the forward scheme reads ∂g/∂y)."""
+    exact, gradient = closed_form_and_solve()
+    exact = flat(exact)
+    errors = [rel_l2(flat(gradient("milstein", dt, "backsolve")), exact)
+              for dt in (0.1, 0.025, 0.00625)]
+    assert errors[1] < 0.5 * errors[0] and errors[2] < 0.5 * errors[1], errors
+    assert errors[-1] < 0.02, errors
+
+
+# ---- reversible Heun's solver state: stats["solver_state"] and solver_state= ----------------
+
+
+def test_reversible_heun_solver_state_continues_the_solve():
+    """Solving [0, 0.5] and then [0.5, 1] from the first solve's final (f, g, z) is the solve
+    over [0, 1], bit for bit, and its gradient (direct, through the solver state) too."""
+    w = torch.tensor([0.8, -0.3], dtype=DT, requires_grad=True)
+    y0 = torch.tensor([[0.2, 0.5], [-0.4, 0.1]], dtype=DT, requires_grad=True)
+    bm = BrownianInterval(0.0, 1.0, (2, 2), dtype=DT, seed=9)
+
+    def f(t, y):
+        return w * torch.sin(y) - 0.5 * y
+
+    def g(t, y):
+        return 0.3 * torch.cos(y + w)
+
+    whole = odegrad.solve_sde(f, g, y0, torch.tensor([0.0, 0.5, 1.0], dtype=DT), bm,
+                              method="reversible_heun", dt=0.0625, params=[w])
+    first = odegrad.solve_sde(f, g, y0, torch.tensor([0.0, 0.5], dtype=DT), bm,
+                              method="reversible_heun", dt=0.0625, params=[w])
+    fs, gs, zs = first.stats["solver_state"]
+    assert fs.shape == gs.shape == zs.shape == y0.shape and zs.requires_grad
+    second = odegrad.solve_sde(f, g, first.ys[-1], torch.tensor([0.5, 1.0], dtype=DT), bm,
+                               method="reversible_heun", dt=0.0625, params=[w],
+                               solver_state=(fs, gs, zs))
+    assert torch.equal(second.ys[-1], whole.ys[-1])
+    for a, b in zip(second.stats["solver_state"], whole.stats["solver_state"]):
+        assert torch.equal(a, b)
+    want = torch.autograd.grad(whole.ys[-1].pow(2).sum(), [y0, w])
+    got = torch.autograd.grad(second.ys[-1].pow(2).sum(), [y0, w])
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-15)
+
+
+def test_solver_state_refusals_and_absence():
+    y0 = torch.ones(2, 3, dtype=DT, requires_grad=True)
+    start = (torch.zeros(2, 3, dtype=DT),) * 3
+    with pytest.raises(odegrad.UnsupportedCombinationError, match="gradient='direct'"):
+        solve(method="reversible_heun", gradient="reversible", solver_state=start)
+    with pytest.raises(odegrad.InvalidInputError, match="must have shape"):
+        solve(method="reversible_heun", solver_state=(start[0], start[1], torch.zeros(3)))
+    with pytest.raises(odegrad.UnknownNameError, match="solver_state"):
+        solve(method="heun", solver_state=start)
+    # the adjoint gradients keep no graph of it: given only without grad mode
+    assert "solver_state" not in solve(method="reversible_heun", gradient="reversible").stats
+    with torch.no_grad():
+        sol = solve(method="reversible_heun", gradient="reversible", y0=y0)
+    assert len(sol.stats["solver_state"]) == 3

@@ -13,6 +13,7 @@ is the stochastic adjoint of Li et al. 2020 (gradients/stochastic_adjoint.py).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from importlib import import_module
 
 import torch
@@ -97,15 +98,25 @@ def solve_sde(
             gets the converted drift f ± ½ Σ_k (∂g_{·k}/∂y) g_{·k} (JVPs of g).
         noise_type: "diagonal", "scalar", "additive" or "general".
         gradient: "direct", "discrete" (checkpoints=, memory_budget=), "reversible" (the
-            reversible schemes; drift_tol=) or "backsolve" (the stochastic adjoint,
-            Stratonovich schemes; adjoint_method=).
+            reversible schemes; drift_tol=) or "backsolve" (the stochastic adjoint: any forward
+            scheme, the backward pass on the SDE's Stratonovich form with adjoint_method=, a
+            Stratonovich scheme using g only through g·ΔW; default the forward scheme when it
+            is one, else midpoint).
         params: the tensors to differentiate besides y0 (default: the parameters of f and g
             that are modules); every grad-requiring tensor f or g uses must be among them.
         brownian_size: m for general/additive noise when bm is None.
         seed: the seed of the Brownian motion made when bm is None.
         max_steps: a bound on the number of steps (default: none).
-        options: the method's options (milstein: derivative_free; reversible_<base>: coupling)
-            and the gradient's; any other name raises UnknownNameError.
+        options: the method's options (milstein: derivative_free; reversible_<base>: coupling;
+            reversible_heun: solver_state=(f, g, z), the scheme's state at t[0], e.g. the
+            stats["solver_state"] of an earlier solve; gradient="direct" only) and the
+            gradient's; any other name raises UnknownNameError.
+
+    Returns a Solution; for a scheme with a state besides y (reversible_heun: (f, g, z), see
+    `ReversibleHeunSDE.solver_state`), stats["solver_state"] holds its state at t[-1]:
+    differentiable with gradient="direct"; with the other gradients (whose forward pass keeps no
+    graph) it is given only when the solve runs without grad mode, so that no gradient through
+    it can be silently missing.
     """
     stats: dict = {"nfe_forward": 0, "nfe_backward": 0, "nge_forward": 0, "nge_backward": 0}
     y0 = _validate_y0(y0)
@@ -165,9 +176,11 @@ def solve_sde(
             f"dt={dt} needs {n_steps} steps from {times[0]} to {times[-1]}, more than "
             f"max_steps={max_steps}; take a larger dt or raise max_steps"
         )
-    problem = Problem(
+    keep_state = hasattr(solver, "solver_state") and (
+        gradient == "direct" or not torch.is_grad_enabled())
+    problem = _SDEProblem(
         f=field, y0=y0, t=t, solver=solver, params=params, step_size=dt, adaptive=False,
-        max_steps=n_steps + 1, stats=stats, module=module,
+        max_steps=n_steps + 1, stats=stats, module=module, final=[] if keep_state else None,
     )
     if gradient != "direct" and torch.is_grad_enabled():
         draws = probe_field(f, y0, t, params, gradient, module, name="f")
@@ -176,6 +189,7 @@ def solve_sde(
     if getattr(solver, "derivative_free", False) and noise_type == "diagonal":
         _check_diagonal_dependence(g, t[0], y0)
     _check_gradient(gradient, solver, sde_type, problem)
+    _check_start_state(solver, gradient, y0, noise_type, bm)
     gradient_module = import_module(module_path)
     check = getattr(gradient_module, "check", None)
     if check is not None:
@@ -183,7 +197,29 @@ def solve_sde(
     stats["method"] = solver.name
     ys = gradient_module.solve(problem, **gradient_options)
     stats.setdefault("checkpoint_bytes", 0)
+    if problem.final:
+        stats["solver_state"] = solver.solver_state(*problem.final)
     return Solution(ts=t, ys=ys, stats=stats)
+
+
+@dataclass
+class _SDEProblem(Problem):
+    """A Problem whose forward runs keep the last step's (state, carry) in `final` (when it is
+    a list): the scheme's state at t[-1] (re-runs in a backward pass are not recorded)."""
+
+    final: list | None = None
+
+    def integrate(self, y0: Tensor | None = None, on_step=None):
+        sink = self.final
+        if sink is None or self.stats.get("_phase") == "backward":
+            return super().integrate(y0, on_step)
+
+        def keep(record, state, step) -> None:
+            sink[:] = [step.y, step.carry]
+            if on_step is not None:
+                on_step(record, state, step)
+
+        return super().integrate(y0, keep)
 
 
 def _validate_y0(y0) -> Tensor:
@@ -284,6 +320,35 @@ def _check_gradient(gradient: str, solver: SDESolver, sde_type: str, problem: Pr
             f"algebraically reversible scheme; valid methods: {', '.join(valid)} (or use "
             "gradient='discrete' with this method)"
         )
+
+
+def _check_start_state(solver: SDESolver, gradient: str, y0: Tensor, noise_type: str,
+                       bm) -> None:
+    """reversible_heun's solver_state=(f, g, z): shapes as the scheme's own state, and only
+    with gradient="direct" (the other gradients differentiate y0 alone, through z_0 = y0)."""
+    start = getattr(solver, "start", None)
+    if start is None:
+        return
+    if gradient != "direct":
+        raise UnsupportedCombinationError(
+            f"solver_state= (a starting state of {solver.name!r}) is served with "
+            f"gradient='direct' only: gradient={gradient!r} differentiates y0 through the "
+            "scheme's own start z_0 = y0; use gradient='direct' or drop solver_state="
+        )
+    if len(start) != 3 or not all(isinstance(x, Tensor) for x in start):
+        raise InvalidInputError(
+            "solver_state must be a tuple (f, g, z) of tensors: the drift and diffusion at "
+            "(t[0], z) and the auxiliary point z (stats['solver_state'] of a solve)"
+        )
+    m = int(tuple(bm.shape)[-1])
+    g_shape = (tuple(y0.shape) if noise_type == "diagonal" else (*y0.shape, m))
+    for name, x, shape in zip("fgz", start, (tuple(y0.shape), g_shape, tuple(y0.shape))):
+        if tuple(x.shape) != shape or x.dtype != y0.dtype or x.device != y0.device:
+            raise InvalidInputError(
+                f"solver_state: {name} is {x.dtype} of shape {tuple(x.shape)} on {x.device}, "
+                f"but with y0 {y0.dtype} of shape {tuple(y0.shape)} on {y0.device} and "
+                f"noise_type={noise_type!r} it must have shape {shape}, same dtype and device"
+            )
 
 
 def _check_diagonal_dependence(g: Callable, t0: Tensor, y0: Tensor) -> None:

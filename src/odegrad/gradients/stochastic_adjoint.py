@@ -6,8 +6,8 @@ For a Stratonovich SDE dy = f dt + g ∘ dW the adjoint a = ∂L/∂y(t) and the
     dy = f dt + g ∘ dW,  da = −a^T ∂_y f dt − a^T ∂_y g ∘ dW,  dμ = −a^T ∂_θ f dt − a^T ∂_θ g ∘ dW,
 
 an SDE in Z = (y, a, μ) with the same m noise channels. The forward solve keeps only the
-outputs; the backward pass integrates Z from t[-1] to t[0] (the forward's scheme unless
-`adjoint_method=`), interval by interval: at each output time y is reset to the stored output
+outputs; the backward pass integrates Z from t[-1] to t[0] (with `adjoint_method`, below),
+interval by interval: at each output time y is reset to the stored output
 and ∂L/∂y(t_i) is added to a. Its steps are the forward's steps backwards (`backward_grid`):
 an output time within round-off of a step boundary (float32 t = linspace(0, 1, 11)) is read
 as that boundary, so every Brownian query is a forward one, W(t + h) − W(t) with h < 0 the
@@ -20,8 +20,18 @@ The Stratonovich schemes use g only through g(t, y)·ΔW, and the augmented diff
 increment is (g·ΔW, −∂_y(g·ΔW)^T a, −∂_θ(g·ΔW)^T a): one g evaluation and one VJP, whatever the
 noise type (the augmented noise is general even when the forward noise is diagonal). The
 gradient is approximate and converges to the exact one of the SDE as dt → 0. Memory: the
-outputs. Itô schemes are refused (an Itô problem solved by a Stratonovich scheme has been
-converted already, and is served).
+outputs.
+
+The calculus: the forward pass is a solve without a graph, by any scheme `solve_sde` serves
+for the problem (Itô Euler–Maruyama or Milstein on an Itô SDE, Stratonovich Milstein, a scheme
+of the other calculus with the drift converted). The backward pass always integrates the
+Stratonovich form of the SDE: an Itô drift f becomes f − ½ Σ_k (∂g_{·k}/∂y) g_{·k}
+(`SDEField.correction`, differentiated through in the adjoint's VJPs, so second derivatives of g
+enter a and μ), which has the same solution. (torchsde keeps the adjoint of an Itô SDE in Itô
+form, with the same correction in its drift, and integrates it with Itô schemes; converting
+the forward SDE instead lets the same Stratonovich schemes serve both calculi.) The scheme of
+the backward pass is `adjoint_method`: a Stratonovich scheme that uses g only through g·ΔW
+(`adjoint_schemes()`); by default the forward scheme when it is one, else midpoint.
 """
 
 from __future__ import annotations
@@ -35,7 +45,7 @@ from torch import Tensor
 
 from ..errors import NonFiniteError, UnsupportedCombinationError
 from ..problem import Problem, backward_phase
-from ..sde_field import StepGrid, apply_noise, fixed_grid
+from ..sde_field import SDEField, StepGrid, apply_noise, fixed_grid
 from ..solvers.sde import SDE_SOLVERS, SDESolver, make_sde_solver
 from .continuous import Layout, state_bytes
 from .second_order import differentiable_backward, graph_requested
@@ -43,17 +53,12 @@ from .second_order import differentiable_backward, graph_requested
 OPTIONS = ("adjoint_method",)
 
 
+DEFAULT_ADJOINT_METHOD = "midpoint"
+
+
 def check(problem: Problem) -> None:
-    """A Stratonovich scheme and a deterministic f and g."""
-    solver = problem.solver
-    if getattr(solver, "sde_type", None) != "stratonovich" or solver.reads_diffusion_derivative:
-        why = "reads ∂g/∂y" if solver.reads_diffusion_derivative else "is Itô"
-        raise UnsupportedCombinationError(
-            f"gradient='backsolve' (the stochastic adjoint) needs a Stratonovich scheme that "
-            f"uses g only through g·ΔW, but {solver.name!r} {why}; use one of "
-            f"{', '.join(adjoint_schemes())} (sde_type='ito' problems are converted), or "
-            "gradient='discrete'"
-        )
+    """Deterministic f and g. (The forward scheme is free: it only runs without a graph; the
+    backward scheme, `adjoint_method`, is checked by `adjoint_solver`.)"""
     if problem.stochastic():
         raise UnsupportedCombinationError(
             "gradient='backsolve' needs deterministic f and g, but they draw random numbers "
@@ -62,22 +67,50 @@ def check(problem: Problem) -> None:
         )
 
 
+def _integrates_adjoint(solver: SDESolver) -> bool:
+    return solver.sde_type == "stratonovich" and not solver.reads_diffusion_derivative
+
+
 def adjoint_schemes() -> list[str]:
-    """The SDE methods that can integrate the adjoint SDE."""
-    return sorted(n for n, factory in SDE_SOLVERS.items()
-                  if (s := factory()).sde_type == "stratonovich"
-                  and not s.reads_diffusion_derivative)
+    """The SDE methods that can integrate the adjoint SDE (in Stratonovich form)."""
+    return sorted(n for n, factory in SDE_SOLVERS.items() if _integrates_adjoint(factory()))
+
+
+def adjoint_solver(problem: Problem, adjoint_method: str | None) -> SDESolver:
+    """The scheme of the backward pass: `adjoint_method`, or by default the forward scheme
+    when it can integrate the adjoint SDE (Stratonovich, g only through g·ΔW), else
+    midpoint."""
+    if adjoint_method is None:
+        forward = problem.solver
+        return forward if _integrates_adjoint(forward) else make_sde_solver(
+            DEFAULT_ADJOINT_METHOD)
+    solver = make_sde_solver(adjoint_method)
+    if not _integrates_adjoint(solver):
+        why = "reads ∂g/∂y" if solver.reads_diffusion_derivative else "is Itô"
+        raise UnsupportedCombinationError(
+            f"adjoint_method={adjoint_method!r} cannot integrate the adjoint SDE (it {why}; "
+            f"the backward pass integrates the SDE's Stratonovich form with a scheme that uses "
+            f"g only through g·ΔW); use one of {', '.join(adjoint_schemes())}, or omit "
+            f"adjoint_method= (the forward scheme when it is one, else "
+            f"{DEFAULT_ADJOINT_METHOD!r})"
+        )
+    return solver
+
+
+def stratonovich_shift(problem: Problem) -> float:
+    """κ such that the SDE's Stratonovich drift is f + κ c, f the user's drift and
+    c = Σ_k (∂g_{·k}/∂y) g_{·k}: the forward field's drift is in the forward scheme's
+    calculus (f + drift_correction · c), and an Itô drift loses ½ c."""
+    field = problem.f
+    ito = 0.5 if problem.solver.sde_type == "ito" else 0.0
+    return float(getattr(field, "drift_correction", 0.0)) - ito
 
 
 def solve(problem: Problem, adjoint_method: str | None = None) -> Tensor:
     """The outputs at problem.t, differentiable w.r.t. y0 and problem.params."""
-    solver = problem.solver if adjoint_method is None else make_sde_solver(adjoint_method)
-    if solver.sde_type != "stratonovich" or solver.reads_diffusion_derivative:
-        raise UnsupportedCombinationError(
-            f"adjoint_method={adjoint_method!r} cannot integrate the adjoint SDE; use one of "
-            f"{', '.join(adjoint_schemes())}"
-        )
-    solver.check_noise(problem.f.noise_type)
+    solver = adjoint_solver(problem, adjoint_method)
+    solver.check_noise("general")  # the augmented noise
+    problem.stats["adjoint_method"] = solver.name
     for key in ("n_steps_backward", "nfe_backward", "nge_backward"):
         problem.stats.setdefault(key, 0)
     return _StochasticAdjoint.apply(problem, solver, problem.y0, *problem.params)
@@ -123,7 +156,13 @@ class AugmentedSDEField:
     """The terms of the adjoint SDE in Z = (y, a, μ), flat (continuous.Layout)."""
 
     def __init__(self, problem: Problem, layout: Layout, grid: StepGrid):
-        self.sde = problem.f
+        forward = problem.f
+        shift = stratonovich_shift(problem)
+        if shift != getattr(forward, "drift_correction", 0.0):
+            # The forward drift is in another calculus: the Stratonovich one, same counts.
+            forward = SDEField(forward.drift, forward.diffusion_fn, forward.noise_type,
+                               forward.bm, problem.y0, forward.stats, drift_correction=shift)
+        self.sde = forward
         self.params = tuple(problem.params)
         self.layout = layout
         self.grid = grid

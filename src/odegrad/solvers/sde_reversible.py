@@ -60,14 +60,35 @@ class ReversibleHeunSDE(_ReversibleSDESolver):
     One f and one g evaluation per step (the carry is (f, g) at (t_n, z_n)); its inverse
     (`inverse_step`) evaluates them at z_{n+1} and z_n. Stratonovich; strong order 1 on
     additive noise, ½ in general. Backward (`reverse`): one VJP through f and g per step.
+
+    Option `solver_state=(f, g, z)`: start from this state (z_0 = z, the carry (f, g)) instead
+    of z_0 = y_0 (torchsde's extra_solver_state); `sde.solve_sde` returns the final one in
+    `stats["solver_state"]`.
     """
 
     name = "reversible_heun"
     order = 1
 
+    def __init__(self, solver_state: tuple[Tensor, Tensor, Tensor] | None = None):
+        # The scheme's state at t[0], (f, g, z) (`solver_state` below): None starts from z = y0
+        # with f, g evaluated there.
+        self.start = None if solver_state is None else tuple(solver_state)
+
+    def initial_state(self, y0: Tensor) -> Tensor:
+        return torch.stack([y0, y0 if self.start is None else self.start[2]])
+
     def init(self, field, t0: Tensor, state: Tensor) -> Any:
+        if self.start is not None:
+            return self.start[0], self.start[1]
         z = state[1]
         return field(t0, z), field.diffusion(t0, z)
+
+    def solver_state(self, state: Tensor, carry: Any) -> tuple[Tensor, Tensor, Tensor]:
+        """The scheme's state after a step, in torchsde's order (f, g, z): z the auxiliary
+        point, f and g the drift and diffusion at (t, z), so that a solve started from it
+        (option solver_state=) continues as this one would."""
+        f, g = carry
+        return f, g, state[1]
 
     def step(self, field, t: Tensor, h: Scalar, state: Tensor, carry: Any) -> Step:
         y, z = state[0], state[1]
@@ -233,8 +254,9 @@ class ReversibleSDE(_ReversibleSDESolver):
             return torch.stack([y0, z0.detach()]), torch.stack([y0_bar, z0_bar]), None
 
 
-def _reversible_heun() -> ReversibleHeunSDE:
-    return ReversibleHeunSDE()
+def _reversible_heun(solver_state: tuple[Tensor, Tensor, Tensor] | None = None
+                     ) -> ReversibleHeunSDE:
+    return ReversibleHeunSDE(solver_state)
 
 
 def _wrapper(base_class):

@@ -15,11 +15,14 @@ Honoured:
     path term as one more state component through the same solve; terms.py); `ts` as a tensor
     or a list; methods euler, milstein (options grad_free), euler_heun, heun, midpoint,
     reversible_heun (methods.py); `dt` (fixed steps from ts[0], the last clipped to ts[-1],
-    outputs interpolated linearly inside a step, as torchsde); `extra` (the extra state, () for
-    the methods without one); `bm` any torchsde-style Brownian motion, torchsde's own included.
+    outputs interpolated linearly inside a step, as torchsde); `extra` and `extra_solver_state`
+    (reversible_heun's (f, g, z), torchsde's; () for the methods without one); `bm` any
+    torchsde-style Brownian motion, torchsde's own included.
     sdeint: odegrad's gradient="direct". sdeint_adjoint: gradient="backsolve" (the stochastic
-    adjoint, adjoint_method midpoint, heun, euler_heun or reversible_heun) on Stratonovich
-    SDEs; method="reversible_heun" with adjoint_method="adjoint_reversible_heun" (the default
+    adjoint: any served forward method, the adjoint of the SDE's Stratonovich form integrated
+    with adjoint_method midpoint, heun, euler_heun or reversible_heun; an Itô SDE's drift is
+    converted, so its default adjoint_method is midpoint where torchsde's is its Itô milstein
+    or euler); method="reversible_heun" with adjoint_method="adjoint_reversible_heun" (the default
     there): gradient="reversible", the exact gradient of the scheme (torchsde's is exact up to
     round-off too), memory constant in the number of steps; adjoint_params.
     rtol, atol, dt_min, adjoint_rtol, adjoint_atol: read by adaptive stepping alone in
@@ -28,9 +31,10 @@ Honoured:
 Refused (odegrad errors naming the option): adaptive=True and adjoint_adaptive=True (fixed
 steps only); methods srk (also torchsde's default for Itô SDEs with diagonal, scalar or
 additive noise: pass method='euler' or 'milstein') and log_ode; a scheme of the other calculus
-(as torchsde); sdeint_adjoint on Itô SDEs (odegrad's stochastic adjoint is Stratonovich);
-adjoint_method milstein, euler, srk, log_ode; adjoint_options (no adjoint scheme here takes
-any); extra=True and extra_solver_state with reversible_heun; options a method does not take;
+(as torchsde); adjoint_method milstein, euler, srk, log_ode; adjoint_options (no adjoint
+scheme here takes any); under sdeint_adjoint, extra_solver_state with reversible_heun and
+extra=True with it in grad mode (odegrad's adjoint gradients start from z_0 = y0 and keep no
+graph of the final state; sdeint serves both); options a method does not take;
 unknown keyword arguments and names= keys (torchsde ignores them); the Brownian options listed
 in brownian.py (davie/foster Lévy area, return_A, halfway_tree, tol, pool_size, H,
 BrownianTree).

@@ -98,7 +98,8 @@ def _method_options(method: str, options: dict | None) -> dict:
 
 
 def default_adjoint_method(method: str, sde_type: str, noise_type: str) -> str:
-    """torchsde's default adjoint_method."""
+    """torchsde's default adjoint_method (for Itô SDEs the shim takes midpoint instead:
+    sdeint.py `_adjoint_gradient`)."""
     if method == METHODS.reversible_heun:
         return METHODS.adjoint_reversible_heun
     if sde_type == SDE_TYPES.stratonovich:

@@ -1,11 +1,18 @@
 """torchsde 0.2.6's `sdeint` and `sdeint_adjoint` on odegrad's `solve_sde`.
 
 sdeint: gradient="direct" (autograd through the steps, as torchsde). sdeint_adjoint: the
-stochastic adjoint of Li et al. 2020 (odegrad's gradient="backsolve", the adjoint SDE
-integrated backwards with `adjoint_method` and the forward's dt), or, for
-method="reversible_heun" with adjoint_method="adjoint_reversible_heun" (torchsde's default
-there), odegrad's gradient="reversible": the exact gradient of the reversible Heun scheme by
-reconstructing each step backwards, memory constant in the number of steps.
+stochastic adjoint of Li et al. 2020 (odegrad's gradient="backsolve": the forward with any
+served method, the adjoint SDE of the SDE's Stratonovich form integrated backwards with
+`adjoint_method` and the forward's dt; for an Itô SDE odegrad converts the drift, where torchsde
+keeps an Itô adjoint, so the default adjoint_method there is midpoint, not torchsde's milstein
+or euler, which are refused by name), or, for method="reversible_heun" with
+adjoint_method="adjoint_reversible_heun" (torchsde's default there), odegrad's
+gradient="reversible": the exact gradient of the reversible Heun scheme by reconstructing each
+step backwards, memory constant in the number of steps.
+
+extra=True / extra_solver_state: reversible_heun's state (f, g, z) at ts[-1] / ts[0] (odegrad's
+solve_sde stats["solver_state"] and option solver_state=), with sdeint; the other served methods
+keep none (()).
 """
 
 from __future__ import annotations
@@ -33,17 +40,18 @@ def sdeint(sde, y0: Tensor, ts, bm=None, method: str | None = None, dt=1e-3,
     """torchsde.sdeint: ys of shape (T, batch, d), gradients by autograd through the steps.
 
     With logqp, (ys, log_ratio) where log_ratio (T − 1, batch) holds the KL path term over each
-    output interval; with extra, also the solver's extra state (() for every served method but
-    reversible_heun, which is refused with extra=True for now)."""
+    output interval; with extra, also the solver's extra state at ts[-1] (reversible_heun:
+    (f, g, z), differentiable; () for the other served methods); extra_solver_state: the state
+    to start from (reversible_heun: (f, g, z) at ts[0])."""
     _no_unknown(unused_kwargs, "sdeint")
     _check_steps(dt, ts, rtol=rtol, atol=atol, dt_min=dt_min)
     terms, ts, bm = _contract(sde, y0, ts, bm, names, logqp)
     name, method_options = _select(method, terms, options, adaptive)
-    _check_extra(name, extra, extra_solver_state)
+    method_options |= _start_state(name, extra_solver_state)
     solution = solve_sde(terms.f, terms.g, terms.y0, ts, bm, method=name, dt=float(dt),
                          sde_type=terms.sde_type, noise_type=terms.noise_type,
                          gradient="direct", params=(), **method_options)
-    return _parse_return(solution.ys, logqp, extra, ())
+    return _parse_return(solution.ys, logqp, extra, solution.stats.get("solver_state", ()))
 
 
 def sdeint_adjoint(sde, y0: Tensor, ts, bm=None, method: str | None = None,
@@ -70,20 +78,18 @@ def sdeint_adjoint(sde, y0: Tensor, ts, bm=None, method: str | None = None,
             "steps with the forward's dt); use adjoint_adaptive=False")
     terms, ts, bm = _contract(sde, y0, ts, bm, names, logqp)
     name, method_options = _select(method, terms, options, adaptive)
-    _check_extra(name, extra, extra_solver_state)
     chosen = method if method is not None else next(k for k, v in SERVED.items()
                                                     if v[0] == name)
-    adjoint_method = (default_adjoint_method(chosen, terms.sde_type, terms.noise_type)
-                      if adjoint_method is None else adjoint_method)
     gradient, gradient_options = _adjoint_gradient(chosen, adjoint_method, adjoint_options,
                                                    terms)
+    _check_adjoint_extra(name, gradient, extra, extra_solver_state)
     params = list(sde.parameters()) if adjoint_params is None else list(adjoint_params)
     params = [p for p in params if isinstance(p, Tensor) and p.requires_grad]
     solution = solve_sde(terms.f, terms.g, terms.y0, ts, bm, method=name, dt=float(dt),
                          sde_type=terms.sde_type, noise_type=terms.noise_type,
                          gradient=gradient, params=params, **method_options,
                          **gradient_options)
-    return _parse_return(solution.ys, logqp, extra, [])
+    return _parse_return(solution.ys, logqp, extra, solution.stats.get("solver_state", ()))
 
 
 # -- the pieces --------------------------------------------------------------------------------
@@ -159,20 +165,47 @@ def _refuse_adaptive(adaptive: bool) -> None:
             "use adaptive=False and choose dt")
 
 
-def _check_extra(name: str, extra: bool, extra_solver_state) -> None:
-    if name == "reversible_heun" and (extra or extra_solver_state is not None):
-        which = "extra=True" if extra else "extra_solver_state="
-        raise UnsupportedCombinationError(
-            f"{which} with method='reversible_heun' (its extra state (f, g, z)) is not supported "
-            "yet: odegrad's solve_sde neither returns nor takes the scheme's z; drop it")
-    if extra_solver_state is not None and len(tuple(extra_solver_state)) != 0:
+def _start_state(name: str, extra_solver_state) -> dict:
+    """reversible_heun's starting state (f, g, z) as odegrad's option solver_state=; the other
+    methods keep none, so theirs must be empty."""
+    if extra_solver_state is None:
+        return {}
+    state = tuple(extra_solver_state)
+    if name == "reversible_heun":
+        return {"solver_state": state}
+    if len(state) != 0:
         raise InvalidInputError(
             f"extra_solver_state: method {name!r} keeps no extra state; pass () or None")
+    return {}
 
 
-def _adjoint_gradient(method: str, adjoint_method: str, adjoint_options: dict | None,
+def _check_adjoint_extra(name: str, gradient: str, extra: bool, extra_solver_state) -> None:
+    """Under sdeint_adjoint, reversible_heun's (f, g, z) neither starts a solve (odegrad's
+    adjoint gradients differentiate y0 through z_0 = y0) nor comes back with a gradient (their
+    forward keeps no graph): refused, except extra=True under torch.no_grad()."""
+    if name == "reversible_heun" and extra_solver_state is not None:
+        raise UnsupportedCombinationError(
+            "extra_solver_state= with method='reversible_heun' under sdeint_adjoint: odegrad's "
+            f"adjoint gradient (gradient={gradient!r}) starts from z_0 = y0; use sdeint (autograd "
+            "through the steps, which serves it) or drop extra_solver_state")
+    if name == "reversible_heun" and extra and torch.is_grad_enabled():
+        raise UnsupportedCombinationError(
+            "extra=True with method='reversible_heun' under sdeint_adjoint: odegrad's adjoint "
+            f"gradient (gradient={gradient!r}) keeps no graph for the final (f, g, z), so a "
+            "gradient through them would be missing; use sdeint, or call under torch.no_grad()")
+    _start_state(name, extra_solver_state)
+
+
+def _adjoint_gradient(method: str, adjoint_method: str | None, adjoint_options: dict | None,
                       terms: Terms) -> tuple[str, dict]:
-    """odegrad's gradient and its options for torchsde's method and adjoint_method."""
+    """odegrad's gradient and its options for torchsde's method and adjoint_method (None:
+    torchsde's default, except for Itô SDEs, below)."""
+    if adjoint_method is None:
+        adjoint_method = default_adjoint_method(method, terms.sde_type, terms.noise_type)
+        if terms.sde_type == SDE_TYPES.ito and adjoint_method != METHODS.adjoint_reversible_heun:
+            # odegrad integrates the Stratonovich form of the adjoint, torchsde the Itô one
+            # (default milstein or euler): the Stratonovich default instead.
+            adjoint_method = METHODS.midpoint
     if adjoint_method not in METHODS:
         raise UnknownNameError(f"Expected adjoint_method in {METHODS}, but found "
                                f"{adjoint_method}.")
@@ -190,18 +223,14 @@ def _adjoint_gradient(method: str, adjoint_method: str, adjoint_options: dict | 
     if method == METHODS.reversible_heun:
         warnings.warn(f"method={method!r}, but adjoint_method!="
                       f"{METHODS.adjoint_reversible_heun!r}.", stacklevel=3)
-    if terms.sde_type == SDE_TYPES.ito:
-        raise UnsupportedCombinationError(
-            "sdeint_adjoint on an Itô SDE: odegrad's stochastic adjoint integrates Stratonovich "
-            "schemes only; write the SDE in Stratonovich form (sde_type='stratonovich', with "
-            "method 'midpoint', 'heun', 'euler_heun' or 'reversible_heun'), or use sdeint "
-            "(gradients by autograd through the steps)")
     served = {k: v for k, v in SERVED.items() if v[1] == SDE_TYPES.stratonovich}
     if adjoint_method not in served:
+        which = ("an Itô SDE is converted to Stratonovich form for the backward pass, so "
+                 if terms.sde_type == SDE_TYPES.ito else "")
         raise UnsupportedCombinationError(
             f"adjoint_method={adjoint_method!r} cannot integrate odegrad's stochastic adjoint "
-            f"SDE (it needs a Stratonovich scheme that uses g only through g·ΔW); use one of "
-            f"{sorted(served)}")
+            f"SDE ({which}it needs a Stratonovich scheme that uses g only through g·ΔW); use "
+            f"one of {sorted(served)}, or omit adjoint_method (midpoint)")
     return "backsolve", {"adjoint_method": served[adjoint_method][0]}
 
 
