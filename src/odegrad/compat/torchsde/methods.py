@@ -13,7 +13,8 @@ Stratonovich SDE: odegrad's auxiliary point is y + f h + g √h, torchsde's y + 
 order 1). torchsde refuses a scheme of the other calculus and so does the shim (odegrad would
 convert the drift). Refused, naming what exists: srk (no stochastic Runge–Kutta in odegrad; it
 is torchsde's default for Itô SDEs with diagonal, scalar or additive noise, so those need
-method='euler' or 'milstein' here), log_ode (needs Davie/Foster Lévy area), and
+method='euler' or 'milstein' here), log_ode (the scheme is not implemented; the Davie and
+Foster Lévy areas it reads are), and
 adjoint_reversible_heun as a forward method (torchsde refuses it too).
 """
 
@@ -35,8 +36,8 @@ SERVED = {
 }
 _MISSING = {
     METHODS.srk: "the stochastic Runge–Kutta scheme 'srk' (Rößler) is not implemented in odegrad",
-    METHODS.log_ode_midpoint: "the log-ODE scheme 'log_ode' needs Davie or Foster Lévy area "
-                              "approximations, which odegrad does not have",
+    METHODS.log_ode_midpoint: "the log-ODE scheme 'log_ode' is not implemented in odegrad "
+                              "(its Davie/Foster Lévy areas are: BrownianInterval)",
 }
 
 
