@@ -35,7 +35,7 @@ Honoured:
     on_attempt / on_accept / on_reject hooks (problem.py _hooks).
 
 Raised (InvalidInputError or UnknownNameError, each naming the option):
-    odeint_dense; perturb with the Adams methods; event_fn with scipy_solver or step_t/jump_t;
+    odeint_dense's options (rtol and atol are served); event_fn with scipy_solver or step_t/jump_t;
     out-of-range controller values (min_step > max_step, dfactor >= 1, ...); adjoint_options
     min_step/max_step/safety/ifactor/dfactor other than the defaults (odegrad's backward solve
     runs its own controller; they default to options', so odeint_adjoint with a controller
@@ -66,6 +66,8 @@ The package, one concept per module, each importing only those above it:
 """
 
 from __future__ import annotations
+
+import bisect
 
 import torch
 
@@ -147,8 +149,53 @@ class _ImplicitFnGradientRerouting(torch.autograd.Function):
 
 
 def odeint_dense(func, y0, t0, t1, *, rtol=1e-7, atol=1e-9, method=None, options=None):
-    """torchdiffeq.odeint_dense: not served (odegrad's API returns no dense solution)."""
-    raise InvalidInputError(
-        "odeint_dense is not supported by odegrad: its API returns the solution at the times t, "
-        "not a dense interpolant over [t0, t1]; pass the times you need in t"
-    )
+    """torchdiffeq.odeint_dense: solve from t0 to t1 (t0 < t1) with dopri5 and return
+    `dense_output_fn(t)`, y at any scalar time t in [t0, t1] from the accepted step holding it
+    (odegrad's dopri5 dense output, differentiable by autograd like the solve itself: the
+    steps are recorded with their graph, as torchdiffeq keeps its interpolation coefficients).
+
+    As torchdiffeq: y0 a tensor, method None or "dopri5"; options are refused here (torchdiffeq
+    hands them to its Dopri5Solver) rather than ignored.
+    """
+    from ...loop import integrate
+    from ...solvers import make_solver
+    from .options import MAX_NUM_STEPS
+
+    if not torch.is_tensor(y0):
+        raise InvalidInputError("odeint_dense takes a tensor y0 (as torchdiffeq: no tuples)")
+    if method not in (None, "dopri5"):
+        raise InvalidInputError(f"odeint_dense supports method='dopri5' only (as torchdiffeq), "
+                                f"got method={method!r}")
+    if options:
+        raise InvalidInputError(
+            f"odeint_dense options {sorted(options)} are not served: odegrad's odeint_dense "
+            "takes rtol and atol only; use odeint with the output times you need")
+    t = torch.stack([torch.as_tensor(t0), torch.as_tensor(t1)]).to(y0)
+    if not float(t[1]) > float(t[0]):
+        raise InvalidInputError(f"odeint_dense needs t0 < t1 (as torchdiffeq), got "
+                                f"t0={float(t[0])}, t1={float(t[1])}")
+    solver = make_solver("dopri5")
+    steps: list = []  # (t_n, h_n, y_n, stages) of every accepted step
+
+    def keep(record, y, step) -> None:
+        steps.append((record.t, record.h, y, step.dense))
+
+    integrate(func, y0, t, solver, rtol=rtol, atol=atol, max_steps=MAX_NUM_STEPS,
+              on_step=keep)
+    starts = [start for start, *_ in steps]
+    end = float(t[1])
+
+    def dense_output_fn(t_eval):
+        """y(t_eval) for a scalar time in [t0, t1]."""
+        t_eval = torch.as_tensor(t_eval, dtype=y0.dtype, device=y0.device)
+        if t_eval.numel() != 1:
+            raise InvalidInputError("dense_output_fn takes one time (a scalar), as torchdiffeq's")
+        value = float(t_eval)
+        if not starts[0] <= value <= end:
+            raise InvalidInputError(f"t={value} lies outside the solved interval "
+                                    f"[{starts[0]}, {end}]")
+        n = max(0, bisect.bisect_right(starts, value) - 1)
+        start, h, y, dense = steps[n]
+        return solver.interpolate(y, h, dense, (t_eval.reshape(()) - start) / h)
+
+    return dense_output_fn
