@@ -5,7 +5,9 @@ rk4 with 100 fixed steps on [0, 1], forward + backward of Σ y(1)², float32, on
 Implementations, in interleaved rounds (median of --rounds, wall and CPU time: the machine is
 shared, and CPU time is what other jobs disturb least):
 
-  odegrad direct / discrete(all), eager and compile=True
+  odegrad direct / discrete(all), eager and compile=True (blocks of odegrad.compiled.BLOCK
+      steps, --block to change it), and compile=True with single steps (BLOCK = 1: the first
+      slice), all in the same rounds
   odegrad discrete(all) with the reverse sweep of git revision --before (the eager sweep
       before issue 16's slimming: its discrete_sweep.py and checkpoint_store.py swapped in)
   torchdiffeq odeint / odeint_adjoint (rk4, step_size 0.01)
@@ -40,6 +42,9 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import odegrad  # noqa: E402
+from odegrad import compiled  # noqa: E402
+
+compiled.BLOCK = int(os.environ.get("ODEGRAD_BENCH_BLOCK", compiled.BLOCK))
 
 BATCH, HIDDEN, STEPS = 16, 32, 100
 
@@ -173,6 +178,16 @@ def before_sweep(revision: str):
             lambda: [setattr(discrete, k, v) for k, v in now.items()])
 
 
+def single_steps(block: int):
+    """(enter, leave): compile=True with BLOCK = 1 (one compiled call per step), and back."""
+    def enter():
+        compiled.BLOCK = 1
+
+    def leave():
+        compiled.BLOCK = block
+    return enter, leave
+
+
 def measure(cases: dict, rounds: int) -> dict:
     wall = {k: [] for k in cases}
     cpu = {k: [] for k in cases}
@@ -193,7 +208,8 @@ def measure(cases: dict, rounds: int) -> dict:
 
 def compile_time(gradient: str, steps: int) -> dict:
     """Run in a fresh process: first call (compile + solve) and a later call, in seconds."""
-    env = dict(os.environ, TORCHINDUCTOR_FORCE_DISABLE_CACHES="1")
+    env = dict(os.environ, TORCHINDUCTOR_FORCE_DISABLE_CACHES="1",
+               ODEGRAD_BENCH_BLOCK=str(compiled.BLOCK))
     out = subprocess.run([sys.executable, __file__, "--compile-child", gradient, str(steps)],
                          env=env, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
@@ -235,13 +251,19 @@ def main() -> None:
     parser.add_argument("--before", default=None, help="git revision of the 'before' sweep")
     parser.add_argument("--no-compile-times", action="store_true")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--block", type=int, default=None,
+                        help="odegrad.compiled.BLOCK for compile=True (default: the library's)")
     parser.add_argument("--compile-child", nargs=2, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.compile_child:
         compile_child(args.compile_child[0], int(args.compile_child[1]))
         return
     torch.set_num_threads(1)
+    if args.block is not None:
+        compiled.BLOCK = args.block
+    block = compiled.BLOCK
     result: dict = {"date": datetime.date.today().isoformat(), "torch": torch.__version__,
+                    "block": block,
                     "machine": platform.processor() or platform.machine(),
                     "command": " ".join(sys.argv)}
     if not args.no_compile_times:
@@ -253,7 +275,11 @@ def main() -> None:
     cases = {}
     for gradient in ("direct", "discrete"):
         cases[f"odegrad {gradient} eager"] = (odegrad_case(f, y0, gradient, False), *nothing)
-        cases[f"odegrad {gradient} compiled"] = (odegrad_case(f, y0, gradient, True), *nothing)
+        cases[f"odegrad {gradient} compiled, blocks of {block}"] = (
+            odegrad_case(f, y0, gradient, True), *nothing)
+        if block > 1:
+            cases[f"odegrad {gradient} compiled, single steps"] = (
+                odegrad_case(f, y0, gradient, True), *single_steps(block))
     if args.before:
         cases[f"odegrad discrete eager, sweep of {args.before}"] = (
             odegrad_case(f, y0, "discrete", False), *before_sweep(args.before))

@@ -49,7 +49,7 @@ def gradients(field, y0, t, **kwargs):
     return sol.ys.detach(), torch.cat([g.reshape(-1) for g in grads]), sol.stats
 
 
-def assert_same(field, y0, t, tol=1e-12, **kwargs):
+def assert_same(field, y0, t, tol=1e-12, dropped_evaluations=0, **kwargs):
     """Compiled and eager: same outputs and gradients, and the same count of f evaluations in
     the forward pass and, with checkpoints "all", in the backward pass (with fewer kept, the
     eager stage recurrence recomputes a step's stages before its VJPs, the compiled replay
@@ -58,7 +58,8 @@ def assert_same(field, y0, t, tol=1e-12, **kwargs):
     ys_e, g_e, stats_e = gradients(field, y0, t, **kwargs)
     assert float((ys_c - ys_e).norm() / ys_e.norm()) < tol
     assert float((g_c - g_e).norm() / g_e.norm()) < tol
-    assert stats_c["nfe_forward"] == stats_e["nfe_forward"]
+    # a block the loop drops was still evaluated, and is counted
+    assert stats_c["nfe_forward"] == stats_e["nfe_forward"] + dropped_evaluations
     if kwargs.get("checkpoints", "all") == "all":
         # + 1 for an FSAL scheme: the replay of the last step evaluates its last stage, whose
         # cotangent is zero and which the eager recurrence skips
@@ -103,12 +104,68 @@ def test_no_recompilation_for_new_times_or_step_counts(counter, gradient):
 
     run([0.0, 1.0], 0.1)
     first = counter.frame_count
-    assert first == (1 if gradient == "direct" else 2)  # discrete: no-grad forward + replay
+    # direct: the block and the single step; discrete: both without grad (the forward) and the
+    # single step with grad (the replay)
+    assert first == (2 if gradient == "direct" else 3)
     run([0.0, 1.0], 0.1)  # the same call again
     run([0.2, 0.9], 0.1)  # other times, a clipped last step
     run([0.0, 2.0], 0.05)  # another step count (40) and step size
     run([0.0, 0.1], 0.05)  # two steps: no stage-time table in the loop
+    run([0.0, 0.37], 0.01)  # 37 steps, not a multiple of the block
     assert counter.frame_count == first
+
+
+def calls(monkeypatch):
+    """Counts of the compiled functions' calls: {"block": n, "step": m}."""
+    seen = {"block": 0, "step": 0}
+    call = compiled.CompiledRungeKutta._call
+
+    def counting(self, fn, *args):
+        seen["block" if fn is self.compiled_block else "step"] += 1
+        return call(self, fn, *args)
+
+    monkeypatch.setattr(compiled.CompiledRungeKutta, "_call", counting)
+    return seen
+
+
+BLOCK_CASES = [
+    ("rk4", "direct", 3), ("rk4", "direct", 8), ("rk4", "discrete", 3),
+    ("bosh3", "direct", 3), ("bosh3", "discrete", 3), ("midpoint", "direct", 5),
+]
+
+
+@pytest.mark.parametrize("method, gradient, block", BLOCK_CASES,
+                         ids=[f"{m}-{g}-{b}" for m, g, b in BLOCK_CASES])
+def test_blocks_match_eager(counter, monkeypatch, method, gradient, block):
+    """Fixed steps with constant times run in blocks of BLOCK steps (the remainder and the
+    last step singly): equal to eager, outputs inside blocks (between grid points and on one)
+    included, and N not a multiple of the block."""
+    monkeypatch.setattr(compiled, "BLOCK", block)
+    seen = calls(monkeypatch)
+    torch.manual_seed(0)
+    field = Field().to(DT)
+    y0 = torch.randn(4, 2, dtype=DT)
+    t = torch.tensor([0.0, 0.33, 0.4, 0.75, 0.8], dtype=DT)  # 40 steps of 0.02
+    extra = {"adaptive": False} if method == "bosh3" else {}
+    assert_same(field, y0, t, method=method, gradient=gradient, step_size=0.02, **extra)
+    n_blocks = (40 - 1) // block  # a block never covers the last step
+    assert seen["block"] == n_blocks
+    replays = 40 if gradient == "discrete" else 0
+    assert seen["step"] == 40 - block * n_blocks + replays
+
+
+def test_block_miss_steps_singly(counter, monkeypatch):
+    """Steps of different sizes (one per output interval): the block taken with the first
+    step's size is dropped at the second step, and the solve goes on singly, exactly."""
+    monkeypatch.setattr(compiled, "BLOCK", 3)
+    seen = calls(monkeypatch)
+    torch.manual_seed(0)
+    field = Field().to(DT)
+    y0 = torch.randn(4, 2, dtype=DT)
+    t = torch.tensor([0.0, 0.1, 0.25, 0.3, 0.5, 0.55, 0.7, 0.9, 1.0], dtype=DT)
+    # the block of 3 steps ran; its last 2 (4 stages each) were dropped and are counted
+    assert_same(field, y0, t, method="rk4", gradient="direct", dropped_evaluations=2 * 4)
+    assert seen["block"] == 1 and seen["step"] == 7
 
 
 def test_cache_is_keyed_on_f_not_on_the_call(counter):
@@ -118,7 +175,7 @@ def test_cache_is_keyed_on_f_not_on_the_call(counter):
     with torch.no_grad():
         for field in (a, b, a, b):
             odegrad.odeint(field, y0, t, method="rk4", step_size=0.25, compile=True)
-    assert counter.frame_count == 2  # one graph per field, each reused
+    assert counter.frame_count == 2  # one graph per field, each reused (4 steps: no block)
 
 
 def test_tuple_state(counter):
@@ -142,7 +199,8 @@ def test_tuple_state(counter):
     run(True)
     for a, b in zip(got, want, strict=True):
         assert torch.allclose(a, b, rtol=1e-12, atol=0)
-    assert counter.frame_count == 2  # the no-grad forward and the replay, each once
+    # the no-grad forward's block and single step, and the replay, each compiled once
+    assert counter.frame_count == 3
 
 
 @pytest.mark.parametrize("kwargs, names", [

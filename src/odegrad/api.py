@@ -116,9 +116,9 @@ def solve(
             times; ys is (n_times, batch, ...). f then gets t of shape (batch,) and must treat
             the samples independently. Explicit Runge–Kutta methods, gradient="direct"
             (odegrad.per_sample).
-        compile: True: each step (the scheme's stages with f inlined) and its backward run
-            as one torch.compile'd function, compiled once per (f, scheme, shapes, dtype,
-            device) and reused for every step and call (odegrad.compiled). Fixed-step
+        compile: True: blocks of steps (the scheme's stages with f inlined) and single steps
+            with their backward run as torch.compile'd functions, compiled once per (f, scheme,
+            shapes, dtype, device) and reused for every step and call (odegrad.compiled). Fixed-step
             explicit Runge–Kutta with gradient="direct" or "discrete" only; anything else
             raises UnsupportedCombinationError, a torch.compile failure CompilationError.
         **options: method options (coupling=, eta=, ...) and gradient options (n_nodes=,

@@ -13,6 +13,23 @@ gradients/discrete_sweep.py), so both stay exact for the computed discretisation
 recomputes a step's stages in its graph, so under "discrete" every checkpoint policy keeps
 states only: "all" holds the N states, as "solution" does (stats checkpoint_bytes says so).
 
+Blocks (the overhead fix): torch.compile's per-call Python runtime (guards, AOTAutograd's
+wrappers, saving activations) costs a few hundred µs a call, of the order of a small field's
+kernels. So where the loop reads its stage times from its table (fixed steps, t not
+differentiated: loop.stage_time_table), the step at row n runs BLOCK (a constant) steps at once
+— one compiled function of (rows n … n+BLOCK−1 of the table, h, y_n[, K_1]) unrolling BLOCK
+steps, compiled once whatever N — and hands the loop the next BLOCK − 1 steps from it as it
+asks for them. Each of those is handed over only after checking that the loop asks for exactly
+what the block computed (the same f, grad mode, step size, table row, and y_n and carry the
+objects the block returned); anything else drops the rest of the block and steps singly (and,
+after such a miss, the solve stays on single steps), so a block is never a different result.
+A block never covers the last step (its clipped size is a different h), so the remainder (at
+most BLOCK steps) goes through the single-step function. Under gradient="direct" autograd then
+chains one compiled backward per block; the discrete sweep's forward runs in blocks too, its
+replay (no table) step by step. Evaluations of f are counted when a block runs, all of them,
+so the steps of a block the loop then drops (only where the steps differ in size: fixed steps
+of no step_size, one per output interval) count as the evaluations they were.
+
 The cache is keyed on the user's f itself (the MAX_FIELDS most recently used), not on the
 per-call wrappers that count evaluations; each entry owns a fresh copy of the step's code
 object, so torch.compile's per-code cache holds one f's graphs only and different fields never
@@ -100,6 +117,10 @@ class CompiledRungeKutta(ExplicitRungeKutta):
         self.fsal = bool(base.tableau.fsal)
         self.counted = counted
         self.compiled = _compiled_step(field, cache_key, self)
+        self.block = BLOCK
+        self.compiled_block = _compiled_step(field, cache_key, self, BLOCK) if BLOCK > 1 else None
+        self._pending: _Pending | None = None  # the steps of the current block not handed out
+        self._blocks_off = False  # a block missed within one loop: single steps from then on
         self._h: dict[float, Tensor] = {}  # 0-dim tensors of the float step sizes seen
         self._checked = False
 
@@ -111,6 +132,10 @@ class CompiledRungeKutta(ExplicitRungeKutta):
         self, f: VectorField, t: Tensor, h: Scalar, y: Tensor, carry: Tensor | None,
         stage_times: Sequence[Tensor] | None = None,
     ) -> Step:
+        if stage_times is not None and self.compiled_block is not None:
+            step = self._from_block(f, h, y, carry, stage_times)
+            if step is not None:
+                return step
         if stage_times is None:  # the eager scheme's scalar ops, bit for bit
             stage_times = [t] + [t + c * h for c in self._c[1:]]
         h_tensor = h if isinstance(h, Tensor) else self._step_tensor(h, y)
@@ -121,8 +146,72 @@ class CompiledRungeKutta(ExplicitRungeKutta):
             y, h_tensor = y.detach(), h_tensor.detach()
             k1 = None if k1 is None else k1.detach()
             stage_times = [x.detach() for x in stage_times]
+        y_next, ks = self._call(self.compiled, tuple(stage_times), h_tensor, y, k1)
+        ks = list(ks) if k1 is None else [k1, *ks]
+        return self._deliver(y_next, ks, t)
+
+    def _from_block(self, f: VectorField, h: Scalar, y: Tensor, carry: Tensor | None,
+                    stage_times: Sequence[Tensor]) -> Step | None:
+        """The step at this table row from a block: the next one of the current block if the
+        loop asks for exactly what it computed, else a new block when BLOCK rows before the
+        last step remain; None: take a single step."""
+        found = _table_row(stage_times)
+        if found is None:
+            return None
+        table, n = found
+        grad = torch.is_grad_enabled()
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            if (pending.table is table and pending.row == n and pending.f is f
+                    and pending.grad == grad and pending.h == h and y is pending.y
+                    and (not self.fsal or carry is pending.carry)):
+                return self._next_of(pending)
+            if pending.table is table:  # the loop went elsewhere than the block: stop blocks
+                self._blocks_off = True
+        if (self._blocks_off or isinstance(h, Tensor)
+                or n + self.block > table.shape[0] - 1):  # never the last (clipped) step
+            return None
+        h_tensor = self._step_tensor(h, y)
+        k1 = carry if self.fsal else None
+        if self.fsal and k1 is None:
+            k1 = f(stage_times[0], y)
+        rows = table[n:n + self.block]
+        if not grad:
+            y, h_tensor = y.detach(), h_tensor.detach()
+            k1 = None if k1 is None else k1.detach()
+        ys, kss = self._call(self.compiled_block, rows, h_tensor, y, k1)
+        full = []  # every step's stages, an FSAL step's carry (the last stage before) first
+        for ks in kss:
+            full.append([k1, *ks] if self.fsal else list(ks))
+            k1 = full[-1][-1]
+        pending = _Pending(table, n, f, grad, h, ys, full)
+        self._count(sum(len(ks) - (1 if self.fsal else 0) for ks in full))
+        return self._next_of(pending, stage_times[0])
+
+    def _next_of(self, pending: _Pending, t: Tensor | None = None) -> Step:
+        j = pending.taken
+        pending.taken += 1
+        y_next, ks = pending.ys[j], pending.kss[j]
+        if pending.taken < len(pending.ys):
+            pending.row, pending.y = pending.row + 1, y_next
+            pending.carry = ks[-1] if self.fsal else None
+            self._pending = pending
+        return self._deliver(y_next, ks, t, counted=0)  # counted when the block ran
+
+    def _deliver(self, y_next: Tensor, ks: list[Tensor], t: Tensor | None,
+                 counted: int | None = None) -> Step:
+        # s evaluations a step, s − 1 after an FSAL carry
+        self._count(len(ks) - (1 if self.fsal else 0) if counted is None else counted)
+        if not self._checked and t is not None:
+            for k in ks:
+                self.counted._check(k, t)
+            self._checked = True
+        return Step(y=y_next, error=None, dense=ks, carry=ks[-1] if self.fsal else None,
+                    retry_carry=ks[0])
+
+    def _call(self, compiled: Callable, *args: Any) -> Any:
         try:
-            y_next, ks = self.compiled(tuple(stage_times), h_tensor, y, k1)
+            return compiled(*args)
         except OdegradError:
             raise
         except Exception as error:  # torch.compile's own failures (dynamo, inductor)
@@ -133,14 +222,6 @@ class CompiledRungeKutta(ExplicitRungeKutta):
                 f"{type(error).__name__}: {str(error).strip().splitlines()[0]}. Pass "
                 "compile=False to solve eagerly"
             ) from error
-        self._count(len(ks))  # s, or s − 1 after an FSAL carry
-        ks = list(ks) if k1 is None else [k1, *ks]
-        if not self._checked:
-            for k in ks:
-                self.counted._check(k, t)
-            self._checked = True
-        return Step(y=y_next, error=None, dense=ks, carry=ks[-1] if self.fsal else None,
-                    retry_carry=ks[0])
 
     def _step_tensor(self, h: float, like: Tensor) -> Tensor:
         value = self._h.get(h)
@@ -152,6 +233,30 @@ class CompiledRungeKutta(ExplicitRungeKutta):
         stats = self.counted.stats
         key = "nfe_backward" if stats.get("_phase") == "backward" else "nfe_forward"
         stats[key] = stats.get(key, 0) + n
+
+
+class _Pending:
+    """A block's steps: what the next call must ask for (row, y, carry) to be handed one."""
+
+    __slots__ = ("table", "row", "f", "grad", "h", "ys", "kss", "taken", "y", "carry")
+
+    def __init__(self, table, row, f, grad, h, ys, kss):
+        self.table, self.row, self.f, self.grad, self.h = table, row, f, grad, h
+        self.ys, self.kss, self.taken, self.y, self.carry = ys, kss, 0, None, None
+
+
+def _table_row(stage_times: Sequence[Tensor]) -> tuple[Tensor, int] | None:
+    """(table, n) when the stage times are row n of the loop's stage-time table (its 0-dim
+    views, loop._StageTimeRows), else None."""
+    first = stage_times[0]
+    table = first._base if isinstance(first, Tensor) else None
+    if (table is None or first.dim() != 0 or table.dim() != 2 or table.stride(1) != 1
+            or table.shape[1] != len(stage_times)):
+        return None
+    n, column = divmod(first.storage_offset() - table.storage_offset(), table.stride(0))
+    if column or not 0 <= n < table.shape[0]:
+        return None
+    return table, n
 
 
 def _is_compile_error(error: Exception) -> bool:
@@ -168,11 +273,15 @@ MAX_FIELDS = 16
 _serial = itertools.count()
 # torch.compile's backend; tests swap in a counting backend (torch._dynamo.testing).
 BACKEND: Any = "inductor"
+# Steps per compiled block (see the module docstring); 1 turns blocks off. A constant, so the
+# compiled graphs do not depend on the step count.
+BLOCK = 8
 
 
-def _compiled_step(field: VectorField, key: Any, scheme: ExplicitRungeKutta) -> Callable:
-    """The compiled step of `scheme` for `field`, from the cache or built now (compiled lazily,
-    at its first call, by torch.compile)."""
+def _compiled_step(field: VectorField, key: Any, scheme: ExplicitRungeKutta,
+                   block: int = 1) -> Callable:
+    """The compiled step of `scheme` for `field` (`block` > 1: that many steps unrolled), from
+    the cache or built now (compiled lazily, at its first call, by torch.compile)."""
     owner = getattr(field, "f", field) if key[0] == "tuple" else field
     # keyed by id, the entry holding f itself (so the id cannot be reused while it is cached)
     held = _CACHE.get(id(owner))
@@ -183,7 +292,7 @@ def _compiled_step(field: VectorField, key: Any, scheme: ExplicitRungeKutta) -> 
     _CACHE.move_to_end(id(owner))
     entries = held[1]
     full_key = (key, BACKEND, scheme.name, tuple(scheme._c), tuple(map(tuple, scheme._a)),
-                tuple(scheme._b), bool(scheme.tableau.fsal))
+                tuple(scheme._b), bool(scheme.tableau.fsal), block)
     compiled = entries.get(full_key)
     if compiled is None:
         # On the CPU, a C++ wrapper around the generated kernels: the Python one's buffer
@@ -193,18 +302,20 @@ def _compiled_step(field: VectorField, key: Any, scheme: ExplicitRungeKutta) -> 
         inductor = BACKEND == "inductor"
         options = {"cpp_wrapper": True} if inductor and key[-1] == "cpu" else None
         compiled = entries[full_key] = torch.compile(
-            _step_function(field, scheme), backend=BACKEND, dynamic=False, fullgraph=True,
+            _step_function(field, scheme, block), backend=BACKEND, dynamic=False, fullgraph=True,
             options=options,
         )
     return compiled
 
 
-def _step_function(field: VectorField, scheme: ExplicitRungeKutta) -> Callable:
-    """The step as a plain function, with its own code object (so its own dynamo cache)."""
+def _step_function(field: VectorField, scheme: ExplicitRungeKutta, block: int = 1) -> Callable:
+    """The step (block == 1) or `block` steps as a plain function, with its own code object (so
+    its own dynamo cache). A block takes the stage times as a (block, s) tensor and returns
+    (y_{n+1}, …, y_{n+block}) and every step's stages (the first without an FSAL carry)."""
     a_terms, b_terms, stages = scheme._a, scheme._b, scheme.stages
     fsal = bool(scheme.tableau.fsal)
 
-    def step(times: tuple[Tensor, ...], h: Tensor, y: Tensor, k1: Tensor | None):
+    def one(times, h: Tensor, y: Tensor, k1: Tensor | None):
         ks = [field(times[0], y) if k1 is None else k1]
         point = y
         for i in range(1, stages):
@@ -220,9 +331,22 @@ def _step_function(field: VectorField, scheme: ExplicitRungeKutta) -> Callable:
                 y_next = y_next + ks[j] * (h * b)
         return y_next, tuple(ks if k1 is None else ks[1:])
 
-    code = step.__code__.replace(co_name=f"odegrad_compiled_step_{next(_serial)}")
-    return types.FunctionType(code, step.__globals__, code.co_name, step.__defaults__,
-                              step.__closure__)
+    def step(times: tuple[Tensor, ...], h: Tensor, y: Tensor, k1: Tensor | None):
+        return one(times, h, y, k1)
+
+    def steps(times: Tensor, h: Tensor, y: Tensor, k1: Tensor | None):
+        ys, kss = [], []
+        for n in range(block):
+            y, ks = one(times[n], h, y, k1)
+            ys.append(y)
+            kss.append(ks)
+            k1 = (ks[-1] if ks else k1) if fsal else None
+        return tuple(ys), tuple(kss)
+
+    chosen = step if block == 1 else steps
+    code = chosen.__code__.replace(co_name=f"odegrad_compiled_step_{next(_serial)}")
+    return types.FunctionType(code, chosen.__globals__, code.co_name, chosen.__defaults__,
+                              chosen.__closure__)
 
 
 def compiled_solver(solver: ExplicitRungeKutta, f: Callable, field: VectorField, counted: Any,
