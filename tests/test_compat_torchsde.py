@@ -3,7 +3,7 @@
 Both solve with the same increments: a torchsde.BrownianInterval is handed to the real
 torchsde and to the shim (which queries it through its adapter, brownian.py `_Foreign`), with
 dt a power of two so that both step grids are exact and identical. Where the scheme is the
-same (Euler–Maruyama, Milstein, Euler–Heun, Heun, midpoint, reversible Heun) the outputs and
+same (Euler–Maruyama, Milstein, Euler–Heun, Heun, midpoint, reversible Heun, srk) the outputs and
 their gradients must agree to round-off; logqp, names and the specialised sde methods too.
 """
 
@@ -68,13 +68,16 @@ def _y0():
     return torch.linspace(0.1, 0.9, BATCH * D, dtype=torch.float64).view(BATCH, D)
 
 
-def _bm(size, entropy=11):
-    return torchsde.BrownianInterval(TS[0], TS[-1], size, dtype=torch.float64, entropy=entropy)
+def _bm(size, entropy=11, levy_area_approximation="none"):
+    return torchsde.BrownianInterval(TS[0], TS[-1], size, dtype=torch.float64, entropy=entropy,
+                                     levy_area_approximation=levy_area_approximation)
 
 
 def _both(sde, method, size, **kwargs):
-    """(real torchsde, shim) outputs of sdeint on one shared Brownian path."""
-    bm = _bm(size)
+    """(real torchsde, shim) outputs of sdeint on one shared Brownian path (with the
+    space-time Lévy area, which srk reads, for srk and torchsde's Itô default)."""
+    levy = "space-time" if method in ("srk", None) and sde.sde_type == "ito" else "none"
+    bm = _bm(size, levy_area_approximation=levy)
     real = torchsde.sdeint(sde, _y0(), TS, bm, method=method, dt=DT, **kwargs)
     mine = shim.sdeint(sde, _y0(), TS, bm, method=method, dt=DT, **kwargs)
     return real, mine
@@ -102,6 +105,47 @@ def test_same_path_same_result_diagonal(sde_type, method, options):
 def test_same_path_same_result_general(sde_type, method):
     real, mine = _both(General(sde_type), method, (BATCH, M))
     torch.testing.assert_close(mine, real, rtol=1e-12, atol=1e-12)
+
+
+class Scalar(Diagonal):
+    noise_type = "scalar"
+
+    def g(self, t, y):
+        return (self.b * torch.sin(y) + 0.2)[..., None]
+
+
+class Additive(Diagonal):
+    noise_type = "additive"
+
+    def g(self, t, y):
+        return (self.b * torch.cos(t) + 0.2).expand(y.shape[0], D)[..., None].expand(
+            y.shape[0], D, M).contiguous() * torch.tensor([1.0, -0.5], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("sde_cls, size", [(Diagonal, (BATCH, D)), (Scalar, (BATCH, 1)),
+                                           (Additive, (BATCH, M))])
+@pytest.mark.parametrize("method", ["srk", None])
+def test_srk_same_path_same_result(sde_cls, size, method):
+    """Rößler's SRI2 / SRA1 (torchsde's "srk", its Itô default) with the same ΔW and U."""
+    real, mine = _both(sde_cls("ito"), method, size)
+    torch.testing.assert_close(mine, real, rtol=1e-10, atol=1e-10)
+
+
+def test_srk_gradients_match_torchsde():
+    sde = Diagonal("ito")
+    bm = _bm((BATCH, D), levy_area_approximation="space-time")
+    _, real = _gradients(lambda y0: torchsde.sdeint(sde, y0, TS, bm, method="srk", dt=DT),
+                         sde, _y0())
+    _, mine = _gradients(lambda y0: shim.sdeint(sde, y0, TS, bm, method="srk", dt=DT),
+                         sde, _y0())
+    torch.testing.assert_close(mine, real, rtol=1e-10, atol=1e-10)
+
+
+def test_srk_refuses_a_brownian_motion_without_levy_area():
+    with pytest.raises(InvalidInputError, match="Lévy area"):
+        shim.sdeint(Diagonal("ito"), _y0(), TS, _bm((BATCH, D)), method="srk", dt=DT)
+    with pytest.raises(UnsupportedCombinationError, match="'euler'"):
+        shim.sdeint(General("ito"), _y0(), TS, method="srk", dt=DT)
 
 
 def test_default_stratonovich_method_is_midpoint():
@@ -408,8 +452,6 @@ def test_sdeint_with_a_davie_brownian_motion_solves_on_the_same_path():
 
 
 @pytest.mark.parametrize("sde_type, kwargs, error, match", [
-    ("ito", dict(method="srk"), UnsupportedCombinationError, "'euler', 'milstein'"),
-    ("ito", dict(), UnsupportedCombinationError, "torchsde's default"),
     ("ito", dict(method="log_ode"), UnsupportedCombinationError, "log_ode"),
     ("ito", dict(method="midpoint"), UnsupportedCombinationError, "type stratonovich"),
     ("stratonovich", dict(method="euler"), UnsupportedCombinationError, "type ito"),

@@ -25,8 +25,8 @@ def gbm(sde_type: str):
     return (lambda t, y: drift * y), (lambda t, y: SIGMA * y)
 
 
-def gbm_errors(method, sde_type, steps, paths=400, seed=0, **options):
-    bm = BrownianInterval(0.0, T_END, (paths, 1), dtype=DT, seed=seed)
+def gbm_errors(method, sde_type, steps, paths=400, seed=0, levy_area="none", **options):
+    bm = BrownianInterval(0.0, T_END, (paths, 1), dtype=DT, seed=seed, levy_area=levy_area)
     y0 = torch.ones(paths, 1, dtype=DT)
     t = torch.tensor([0.0, T_END], dtype=DT)
     exact = torch.exp((MU - SIGMA**2 / 2) * T_END + SIGMA * bm(0.0, T_END))
@@ -45,11 +45,11 @@ THETA, OU_SIGMA = 1.0, 0.7
 _OU_PATHS: dict = {}
 
 
-def ou_path(paths: int, seed: int, finest: int):
+def ou_path(paths: int, seed: int, finest: int, levy_area: str = "none"):
     """The Brownian motion and the closed-form Y_T (computed once per module)."""
-    key = (paths, seed, finest)
+    key = (paths, seed, finest, levy_area)
     if key not in _OU_PATHS:
-        bm = BrownianInterval(0.0, T_END, (paths, 1), dtype=DT, seed=seed)
+        bm = BrownianInterval(0.0, T_END, (paths, 1), dtype=DT, seed=seed, levy_area=levy_area)
         fine = 64 * finest
         s = np.linspace(0.0, T_END, fine + 1)
         increments = torch.stack([bm(float(a), float(b)) for a, b in zip(s[:-1], s[1:])])
@@ -62,8 +62,8 @@ def ou_path(paths: int, seed: int, finest: int):
     return _OU_PATHS[key]
 
 
-def ou_errors(method, steps, paths=200, seed=0):
-    bm, y0, exact = ou_path(paths, seed, max(steps))
+def ou_errors(method, steps, paths=200, seed=0, levy_area="none"):
+    bm, y0, exact = ou_path(paths, seed, max(steps), levy_area)
     t = torch.tensor([0.0, T_END], dtype=DT)
     errors = []
     for n in steps:
@@ -101,6 +101,19 @@ def test_strong_order_geometric_brownian_motion(method, sde_type, order, options
 def test_strong_order_ornstein_uhlenbeck_additive(method):
     errors = ou_errors(method, STEPS)
     assert abs(slope(STEPS, errors) - 1.0) < 0.15, errors
+
+
+def test_srk_strong_order_one_and_a_half_geometric_brownian_motion():
+    """Rößler's SRI2 (method "srk", Itô, reads the space-time Lévy area) on GBM."""
+    errors = gbm_errors("srk", "ito", STEPS, levy_area="space-time")
+    assert abs(slope(STEPS, errors) - 1.5) < 0.2, errors
+
+
+def test_srk_strong_order_ornstein_uhlenbeck_additive():
+    """SRA1 (method "srk" on additive noise): strong order at least 1.5 on OU (at large steps
+    the drift's deterministic order-2 error dominates, so the fitted slope is 1.5 to 1.8)."""
+    errors = ou_errors("srk", STEPS, levy_area="space-time")
+    assert slope(STEPS, errors) > 1.5 - 0.2, errors
 
 
 @pytest.mark.parametrize("method", ["reversible_heun", "reversible_midpoint"])
@@ -157,10 +170,12 @@ def test_conversion_uses_the_exact_diagonal_correction():
 @pytest.mark.parametrize("method, sde_type, order", [
     ("euler", "ito", 0.5), ("milstein", "ito", 1.0), ("heun", "stratonovich", 1.0),
     ("midpoint", "stratonovich", 1.0), ("reversible_heun", "stratonovich", 0.5),
+    ("srk", "ito", 1.5),
 ])
 def test_strong_order_many_paths(method, sde_type, order):
+    levy_area = "space-time" if method == "srk" else "none"
     steps = [16, 32, 64, 128, 256, 512]
-    errors = gbm_errors(method, sde_type, steps, paths=4000, seed=11)
+    errors = gbm_errors(method, sde_type, steps, paths=4000, seed=11, levy_area=levy_area)
     if order == 0.5 and method != "euler":
         assert slope(steps, errors) > 0.35, errors
     else:

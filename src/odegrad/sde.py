@@ -161,7 +161,8 @@ def solve_sde(
     correction = 0.0 if sde_type == solver.sde_type else (0.5 if sde_type == "stratonovich"
                                                            else -0.5)
 
-    bm = _brownian(bm, y0, t, noise_type, brownian_size, seed)
+    bm = _brownian(bm, y0, t, noise_type, brownian_size, seed,
+                   getattr(solver, "levy_area", "none"))
     times = [float(v) for v in t.detach().cpu().tolist()]
     grid = StepGrid(fixed_grid(times, dt))
     field = SDEField(f, g, noise_type, bm, y0, stats, grid=grid, drift_correction=correction)
@@ -278,12 +279,14 @@ def _make_solver(method: str, options: dict, gradient: str, gradient_names) -> S
 
 
 def _brownian(bm, y0: Tensor, t: Tensor, noise_type: str, brownian_size: int | None,
-              seed: int | None):
-    """The given Brownian motion, checked, or a BrownianInterval over [min t, max t]."""
+              seed: int | None, levy_area: str = "none"):
+    """The given Brownian motion, checked, or a BrownianInterval over [min t, max t];
+    `levy_area`: the Lévy area the method reads ("space-time" for srk, else "none")."""
     lo, hi = float(t.detach().min()), float(t.detach().max())
     if bm is None:
         shape = brownian_shape(noise_type, y0.shape, brownian_size)
-        return BrownianInterval(lo, hi, shape, dtype=y0.dtype, device=y0.device, seed=seed)
+        return BrownianInterval(lo, hi, shape, dtype=y0.dtype, device=y0.device, seed=seed,
+                                levy_area=levy_area)
     if seed is not None:
         raise InvalidInputError("seed= seeds the Brownian motion sdeint makes, but bm= was given")
     missing = [a for a in ("t0", "t1", "shape") if not hasattr(bm, a)]
@@ -309,6 +312,11 @@ def _brownian(bm, y0: Tensor, t: Tensor, noise_type: str, brownian_size: int | N
         raise InvalidInputError(
             f"bm is {dtype} on {device}, but y0 is {y0.dtype} on {y0.device}"
         )
+    if levy_area != "none" and getattr(bm, "levy_area", "none") in (None, "none"):
+        raise InvalidInputError(
+            f"this method reads the {levy_area} Lévy area, but bm has none: make bm with "
+            f"levy_area={levy_area!r} (BrownianInterval(..., levy_area={levy_area!r}); davie "
+            "and foster carry it too), or omit bm= and solve_sde makes one")
     return bm
 
 

@@ -8,7 +8,9 @@ is linear between y_n and y_{n+1} (Step.dense holds y_{n+1}).
 
 Orders (strong): Itô Euler–Maruyama ½ (weak 1); Milstein 1 (diagonal, scalar noise);
 Stratonovich Euler–Heun, Heun and midpoint 1 on commutative noise (diagonal, scalar,
-additive), ½ in general. The reversible schemes are in solvers/sde_reversible.py.
+additive), ½ in general. The reversible schemes are in solvers/sde_reversible.py, Rößler's
+stochastic Runge–Kutta "srk" (Itô, strong order 1.5, reads the space-time Lévy area) in
+solvers/sde_srk.py.
 """
 
 from __future__ import annotations
@@ -213,4 +215,5 @@ register_sde_solver("euler_heun", _euler_heun)
 register_sde_solver("heun", _heun)
 register_sde_solver("midpoint", _midpoint)
 
-from . import sde_reversible  # noqa: E402,F401  (registers the reversible schemes)
+# registers the reversible schemes and srk (Rößler's stochastic Runge–Kutta)
+from . import sde_reversible, sde_srk  # noqa: E402,F401

@@ -297,10 +297,19 @@ class _Foreign:
         self.bm, self.t0, self.t1 = bm, t0, t1
         self.shape = tuple(bm.shape)
         self.dtype, self.device = bm.dtype, bm.device
+        approximation = getattr(bm, "levy_area_approximation", "none")
+        self.levy_area = "none" if approximation in (None, "none") else "space-time"
 
-    def __call__(self, ta: float, tb: float) -> Tensor:
+    def __call__(self, ta: float, tb: float, return_levy: bool = False):
+        """W(tb) − W(ta); with `return_levy`, also H = U / h − W/2 (torchsde's return_U)."""
         ta, tb = float(ta), float(tb)
-        return self.bm(ta, tb) if ta <= tb else -self.bm(tb, ta)
+        if not return_levy:
+            return self.bm(ta, tb) if ta <= tb else -self.bm(tb, ta)
+        if ta > tb:  # the reversed curve: −W, and H is even under reversal (−U + h W over h)
+            w, h = self(tb, ta, return_levy=True)
+            return -w, h
+        w, u = self.bm(ta, tb, return_U=True)
+        return w, u / (tb - ta) - 0.5 * w
 
 
 def odegrad_view(bm, t0: float, t1: float):

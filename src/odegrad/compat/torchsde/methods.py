@@ -7,14 +7,15 @@
     heun            heun                                                          Stratonovich
     midpoint        midpoint                                                      Stratonovich
     reversible_heun reversible_heun                                               Stratonovich
+    srk             srk (Rößler SRI2 / SRA1, sde_srk.py; not general noise)       Itô
 
 The same updates as torchsde's schemes, step for step, except derivative-free Milstein for a
 Stratonovich SDE: odegrad's auxiliary point is y + f h + g √h, torchsde's y + g √h (both strong
-order 1). torchsde refuses a scheme of the other calculus and so does the shim (odegrad would
-convert the drift). Refused, naming what exists: srk (no stochastic Runge–Kutta in odegrad; it
-is torchsde's default for Itô SDEs with diagonal, scalar or additive noise, so those need
-method='euler' or 'milstein' here), log_ode (the scheme is not implemented; the Davie and
-Foster Lévy areas it reads are), and
+order 1). srk reads the space-time Lévy area: the shim's own Brownian motion carries it for
+Itô SDEs, a given bm needs levy_area_approximation other than "none" (as in torchsde).
+torchsde refuses a scheme of the other calculus and so does the shim (odegrad would
+convert the drift). Refused, naming what exists: log_ode (the scheme is not implemented; the
+Davie and Foster Lévy areas it reads are), and
 adjoint_reversible_heun as a forward method (torchsde refuses it too).
 """
 
@@ -33,9 +34,11 @@ SERVED = {
     METHODS.heun: ("heun", SDE_TYPES.stratonovich),
     METHODS.midpoint: ("midpoint", SDE_TYPES.stratonovich),
     METHODS.reversible_heun: ("reversible_heun", SDE_TYPES.stratonovich),
+    METHODS.srk: ("srk", SDE_TYPES.ito),
 }
+# served methods without general noise
+_NOT_GENERAL = (METHODS.milstein, METHODS.srk)
 _MISSING = {
-    METHODS.srk: "the stochastic Runge–Kutta scheme 'srk' (Rößler) is not implemented in odegrad",
     METHODS.log_ode_midpoint: "the log-ODE scheme 'log_ode' is not implemented in odegrad "
                               "(its Davie/Foster Lévy areas are: BrownianInterval)",
 }
@@ -44,7 +47,7 @@ _MISSING = {
 def _served_for(sde_type: str, noise_type: str) -> list[str]:
     return sorted(name for name, (_, calculus) in SERVED.items()
                   if calculus in (None, sde_type)
-                  and not (name == METHODS.milstein and noise_type == NOISE_TYPES.general))
+                  and not (name in _NOT_GENERAL and noise_type == NOISE_TYPES.general))
 
 
 def default_method(sde_type: str, noise_type: str) -> str:
@@ -74,9 +77,9 @@ def select_method(method: str | None, sde_type: str, noise_type: str,
         raise UnsupportedCombinationError(
             f"SDE is of type {sde_type} but solver {chosen!r} is for type {calculus}; methods "
             f"for a {sde_type} SDE with {noise_type} noise: {served}")
-    if chosen == METHODS.milstein and noise_type == NOISE_TYPES.general:
+    if chosen in _NOT_GENERAL and noise_type == NOISE_TYPES.general:
         raise UnsupportedCombinationError(
-            f"SDE has noise type general but solver 'milstein' only supports noise types "
+            f"SDE has noise type general but solver {chosen!r} only supports noise types "
             f"additive, diagonal, scalar; methods for a {sde_type} SDE with general noise: "
             f"{served}")
     return name, _method_options(chosen, options)

@@ -135,8 +135,11 @@ def _contract(sde, y0: Tensor, ts, bm, names: dict | None, logqp: bool):
     terms: Terms = resolve_terms(sde, y0, ts[0], bm_shape, names, logqp)
     t0, t1 = float(ts[0]), float(ts[-1])
     if bm is None:
+        # srk (Itô, not general noise; torchsde's default there) reads the space-time Lévy area
+        srk = terms.sde_type == SDE_TYPES.ito and terms.noise_type != NOISE_TYPES.general
         view = OdegradBrownianInterval(t0, t1, (y0.shape[0], terms.brownian_size),
-                                       dtype=y0.dtype, device=y0.device)
+                                       dtype=y0.dtype, device=y0.device,
+                                       levy_area="space-time" if srk else "none")
     else:
         view = odegrad_view(bm, t0, t1)
     return terms, ts, view
