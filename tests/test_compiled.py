@@ -104,9 +104,9 @@ def test_no_recompilation_for_new_times_or_step_counts(counter, gradient):
 
     run([0.0, 1.0], 0.1)
     first = counter.frame_count
-    # direct: the block and the single step; discrete: both without grad (the forward) and the
-    # single step with grad (the replay)
-    assert first == (2 if gradient == "direct" else 3)
+    # direct: the block and the single step; discrete: both without grad (the forward) and
+    # both with grad (the replay: blocks of steps, the last step and the remainder singly)
+    assert first == (2 if gradient == "direct" else 4)
     run([0.0, 1.0], 0.1)  # the same call again
     run([0.2, 0.9], 0.1)  # other times, a clipped last step
     run([0.0, 2.0], 0.05)  # another step count (40) and step size
@@ -149,9 +149,28 @@ def test_blocks_match_eager(counter, monkeypatch, method, gradient, block):
     extra = {"adaptive": False} if method == "bosh3" else {}
     assert_same(field, y0, t, method=method, gradient=gradient, step_size=0.02, **extra)
     n_blocks = (40 - 1) // block  # a block never covers the last step
-    assert seen["block"] == n_blocks
-    replays = 40 if gradient == "discrete" else 0
-    assert seen["step"] == 40 - block * n_blocks + replays
+    if gradient == "direct":
+        assert seen["block"] == n_blocks
+        assert seen["step"] == 40 - block * n_blocks
+    else:
+        # the replay pulls back whole blocks between the outputs, the other steps singly:
+        # every step exactly once
+        replayed_blocks = seen["block"] - n_blocks
+        assert replayed_blocks >= 1
+        assert seen["step"] == 40 - block * n_blocks + 40 - block * replayed_blocks
+
+
+@pytest.mark.parametrize("checkpoints", [3, "solution"])
+def test_block_replay_with_fewer_checkpoints(counter, monkeypatch, checkpoints):
+    """The replay runs a block only from a kept first state; with fewer kept it replays the
+    rest step by step, exactly."""
+    monkeypatch.setattr(compiled, "BLOCK", 3)
+    torch.manual_seed(0)
+    field = Field().to(DT)
+    y0 = torch.randn(4, 2, dtype=DT)
+    t = torch.tensor([0.0, 0.4, 0.8], dtype=DT)
+    assert_same(field, y0, t, method="rk4", gradient="discrete", step_size=0.02,
+                checkpoints=checkpoints)
 
 
 def test_block_miss_steps_singly(counter, monkeypatch):
@@ -199,8 +218,8 @@ def test_tuple_state(counter):
     run(True)
     for a, b in zip(got, want, strict=True):
         assert torch.allclose(a, b, rtol=1e-12, atol=0)
-    # the no-grad forward's block and single step, and the replay, each compiled once
-    assert counter.frame_count == 3
+    # the no-grad forward's block and single step, and the replay's, each compiled once
+    assert counter.frame_count == 4
 
 
 @pytest.mark.parametrize("kwargs, names", [

@@ -25,10 +25,14 @@ objects the block returned); anything else drops the rest of the block and steps
 after such a miss, the solve stays on single steps), so a block is never a different result.
 A block never covers the last step (its clipped size is a different h), so the remainder (at
 most BLOCK steps) goes through the single-step function. Under gradient="direct" autograd then
-chains one compiled backward per block; the discrete sweep's forward runs in blocks too, its
-replay (no table) step by step. Evaluations of f are counted when a block runs, all of them,
-so the steps of a block the loop then drops (only where the steps differ in size: fixed steps
-of no step_size, one per output interval) count as the evaluations they were.
+chains one compiled backward per block; the discrete sweep's forward runs in blocks too, and
+so does its replay where it can (CompiledRungeKutta.block_vjp: BLOCK steps of one size with no
+output inside, from a kept first state — every one under checkpoints "all" — replayed by the
+block's compiled forward under autograd and pulled back by one torch.autograd.grad through its
+compiled backward); the other steps (the last, those around outputs, those whose first state
+is not kept) are replayed one by one. Evaluations of f are counted when a block runs, all of
+them, so the steps of a block the loop then drops (only where the steps differ in size: fixed
+steps of no step_size, one per output interval) count as the evaluations they were.
 
 The cache is keyed on the user's f itself (the MAX_FIELDS most recently used), not on the
 per-call wrappers that count evaluations; each entry owns a fresh copy of the step's code
@@ -208,6 +212,33 @@ class CompiledRungeKutta(ExplicitRungeKutta):
             self._checked = True
         return Step(y=y_next, error=None, dense=ks, carry=ks[-1] if self.fsal else None,
                     retry_carry=ks[0])
+
+    def block_vjp(self, rows: Tensor, h: float, y: Tensor, k1: Tensor | None,
+                  y_bar: Tensor | None, carry_bar: Tensor | None,
+                  params: Sequence[Tensor]) -> tuple | None:
+        """The reverse sweep's replay of `rows.shape[0]` (= BLOCK) steps at once: the block's
+        compiled forward from (y, K_1) under autograd and one pull-back of the cotangents of
+        its last state and (FSAL) carry through the block's compiled backward, instead of one
+        replay and one torch.autograd.grad per step. Returns (∂/∂y, ∂/∂K_1 or None, the
+        parameters' gradients), or None when no cotangent reaches the block."""
+        with torch.enable_grad():
+            y_in = y.detach().requires_grad_()
+            k1_in = k1.detach().requires_grad_() if self.fsal and k1 is not None else None
+            ys, kss = self._call(self.compiled_block, rows, self._step_tensor(h, y), y_in, k1_in)
+            outs, cots = [], []
+            if y_bar is not None and ys[-1].requires_grad:
+                outs.append(ys[-1])
+                cots.append(y_bar)
+            if self.fsal and carry_bar is not None and kss[-1][-1].requires_grad:
+                outs.append(kss[-1][-1])
+                cots.append(carry_bar)
+            if not outs:  # (the caller replays step by step, counting those evaluations)
+                return None
+            self._count(sum(len(ks) for ks in kss))  # s (s − 1 after a carry) a step
+            inputs = [y_in] + ([k1_in] if k1_in is not None else []) + list(params)
+            grads = torch.autograd.grad(outs, inputs, cots, allow_unused=True)
+        k = 2 if k1_in is not None else 1
+        return grads[0], (grads[1] if k1_in is not None else None), grads[k:]
 
     def _call(self, compiled: Callable, *args: Any) -> Any:
         try:

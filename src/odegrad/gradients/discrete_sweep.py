@@ -81,6 +81,16 @@ class _Backward:
                 self.rows = _StageTimeRows(stage_time_table(times, plan, run.c, self.t))
         self.current: tuple[int, Tensor, Any] | None = None  # (n, state, carry)
         self.recomputed = 0
+        # compile=True: the replay runs whole compiled blocks of steps (reverse_block)
+        self.block = getattr(self.solver, "block", 1) \
+            if getattr(self.solver, "compiled_block", None) is not None else 1
+        self.block_table: Tensor | None = None  # the stage times of every step, (N, s)
+        if (self.block > 1 and self.steps and not time and run.streams is None
+                and t.dtype in _TABLE_DTYPES):
+            plan = [(r.h, r.end_anchor, r.start_anchor, r.start_offset) for r in self.steps]
+            times = [float(v) for v in self.t.cpu().tolist()]
+            self.block_table = stage_time_table(times, plan, self.solver.stage_nodes, self.t)
+        self.block_from: int | None = None  # steps block_from, … already pulled back
 
     # ---- the sweep --------------------------------------------------------------------------
 
@@ -202,9 +212,53 @@ class _Backward:
         elif run.has_step_vjp:
             self.reverse_step_vjp(n, kept)
         else:
+            if self.block_from is not None and n >= self.block_from:
+                return  # pulled back with the block above it
+            self.block_from = None
+            if self.block_table is not None and self.reverse_block(n):
+                return
             m, state, carry = self.current
             assert m == n, (m, n)
             self.reverse_replay(n, state, carry)
+
+    def reverse_block(self, n: int) -> bool:
+        """compile=True: pull the cotangents back through steps n − BLOCK + 1, …, n at once,
+        by one compiled replay of the block from its kept first state (CompiledRungeKutta.
+        block_vjp), when those steps share one step size, have no output inside and no
+        rejected attempt (else False: step by step). The steps below n in the block are then
+        skipped by `reverse`."""
+        first = n - self.block + 1
+        if first < 0:
+            return False
+        kept = self.run_.store.kept.get(first)
+        solver, steps = self.solver, self.steps
+        if kept is None or (solver.fsal and not isinstance(kept.carry, Tensor)):
+            return False
+        h = steps[n].h
+        for m in range(first, n + 1):
+            if (steps[m].h != h or steps[m].rejected or m in self.inside
+                    or (m != n and m in self.ends)):
+                return False
+        lam = self.lam
+        for i in self.ends.get(n, ()):
+            lam = _sum(lam, self.grad_ys[i])
+        if lam is not None and type(solver).observe is not Solver.observe:
+            return False
+        carry_bar = None
+        if solver.fsal and self.carry_bar:
+            carry_bar = self.carry_bar[0]
+        if lam is None and carry_bar is None:
+            return False
+        out = solver.block_vjp(self.block_table[first:n + 1], h, kept.state,
+                               kept.carry if solver.fsal else None, lam, carry_bar,
+                               self.params)
+        if out is None:
+            return False
+        self.lam, k1_bar, param_grads = out
+        self.carry_bar = [k1_bar] if solver.fsal else []
+        self.add_params(list(param_grads))
+        self.block_from = first
+        return True
 
     # ---- one step back: explicit Runge–Kutta ------------------------------------------------
 
