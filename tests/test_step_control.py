@@ -389,3 +389,24 @@ def test_float32_step_across_a_jump_does_not_underflow():
         assert (xs[-1].double() - exact).abs().max() < 1e-3 * exact.abs().max()
         want = exact**2 / exact_half**2 * math.exp(-0.25)  # d x(1) / d x0, component-wise
         assert (grad.double() - want).abs().max() < 1e-2 * want.abs().max()
+
+
+def test_checkpoint_bytes_add_up_over_jump_pieces():
+    """With jump_t the solve runs in pieces whose checkpoints all live until the backward pass:
+    checkpoint_bytes is their sum (it was the last piece's alone), here the two separate
+    solves' (fixed steps restart at the jump, so the pieces are exactly those solves)."""
+    w = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+
+    def f(t, y):
+        return -w * y
+
+    y0 = torch.ones(3, dtype=torch.float64)
+    options = dict(method="rk4", step_size=0.1, gradient="discrete", params=[w])
+    whole = odegrad.solve(f, y0, torch.tensor([0.0, 1.0], dtype=torch.float64),
+                          jump_t=[0.45], **options)
+    first = odegrad.solve(f, y0, torch.tensor([0.0, 0.45], dtype=torch.float64), **options)
+    second = odegrad.solve(f, first.ys[-1].detach(),
+                           torch.tensor([0.45, 1.0], dtype=torch.float64), **options)
+    expected = first.stats["checkpoint_bytes"] + second.stats["checkpoint_bytes"]
+    assert whole.stats["n_jump_pieces"] == 2
+    assert whole.stats["checkpoint_bytes"] == expected > second.stats["checkpoint_bytes"]

@@ -84,7 +84,7 @@ def solve_through(problem: Problem, solve: Callable[[Problem], Tensor], step_t: 
 
     bounds = [0] + jumps + [len(merged) - 1]
     stats, totals = problem.stats, {"n_steps": 0, "n_accepted": 0, "n_rejected": 0}
-    pieces, y, step_size = [], problem.y0, problem.step_size
+    pieces, y, step_size, kept_bytes = [], problem.y0, problem.step_size, 0
     for k, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
         piece_t = merged[a:b + 1]
         f = OneSidedField(problem.f, piece_t, start_jump=k > 0, end_jump=b != bounds[-1])
@@ -92,15 +92,21 @@ def solve_through(problem: Problem, solve: Callable[[Problem], Tensor], step_t: 
                         stops=tuple(p - a for p in stops if a < p < b))
         if problem.adaptive:
             stats[NEXT_STEP_KEY] = None
+        stats.pop("checkpoint_bytes", None)
         ys = solve(piece)
         for key in totals:
             totals[key] += stats.get(key, 0)
+        # every piece's checkpoints live until the backward pass: their bytes add up (a
+        # method that reports none, e.g. direct without count_graph_bytes, stays None)
+        piece_bytes = stats.get("checkpoint_bytes", 0)
+        kept_bytes = None if piece_bytes is None or kept_bytes is None \
+            else kept_bytes + piece_bytes
         proposal = stats.pop(NEXT_STEP_KEY, None)
         if problem.adaptive and proposal is not None:
             step_size = proposal
         pieces.append(ys if k == 0 else ys[1:])
         y = ys[-1]
-    stats.update(totals)
+    stats.update(totals, checkpoint_bytes=kept_bytes)
     stats["n_jump_pieces"] = len(pieces)
     return torch.cat(pieces)[torch.tensor(keep, device=merged.device)]
 
