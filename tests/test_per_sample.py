@@ -194,10 +194,12 @@ class _TimeFree(torch.nn.Module):
 
 
 @pytest.mark.parametrize("kwargs, error, match", [
-    (dict(gradient="backsolve"), UnsupportedCombinationError, "'direct'.*'discrete'"),
-    (dict(gradient="interpolated"), UnsupportedCombinationError, "'direct'.*'discrete'"),
-    (dict(gradient="reversible"), UnsupportedCombinationError, "'direct'.*'discrete'"),
-    (dict(gradient="discrete", checkpoints=3), UnsupportedCombinationError, "'solution'"),
+    (dict(gradient="backsolve", adjoint_norm="full"), UnsupportedCombinationError,
+     "adjoint_norm"),
+    (dict(gradient="interpolated", adjoint_on_accept=print), UnsupportedCombinationError,
+     "adjoint_on_accept"),
+    (dict(gradient="reversible", method="rk4"), UnsupportedCombinationError, "rk4"),
+    (dict(gradient="discrete", checkpoints=0), InvalidInputError, "positive int"),
     (dict(gradient="discrete", checkpoints="some"), InvalidInputError, "'all', 'solution'"),
     (dict(gradient="discrete", memory_budget=1e6), UnsupportedCombinationError, "memory_budget"),
     (dict(gradient="nonsense"), UnknownNameError, "unknown gradient"),

@@ -118,9 +118,12 @@ def solve(
             (odegrad.per_sample).
         compile: True: blocks of steps (the scheme's stages with f inlined) and single steps
             with their backward run as torch.compile'd functions, compiled once per (f, scheme,
-            shapes, dtype, device) and reused for every step and call (odegrad.compiled). Fixed-step
-            explicit Runge–Kutta with gradient="direct" or "discrete" only; anything else
-            raises UnsupportedCombinationError, a torch.compile failure CompilationError.
+            shapes, dtype, device) and reused for every step and call (odegrad.compiled).
+            Explicit Runge–Kutta with gradient="direct", "discrete" or "backsolve" (its
+            backward solve's step with f's VJP inlined: compiled_adjoint), alf and
+            reversible_<tableau> with gradient="reversible" (the step and the backward step:
+            compiled_reversible); anything else raises UnsupportedCombinationError, a
+            torch.compile failure CompilationError.
         **options: method options (coupling=, eta=, ...) and gradient options (n_nodes=,
             adjoint_rtol=, ...); an option nobody takes raises UnknownNameError. Step
             callbacks, each a callable (t, y, h) whose return value is ignored:
@@ -257,8 +260,15 @@ def solve(
         compiled.check(gradient=gradient, solver=solver, adaptive=problem.adaptive,
                        event_fn=event_fn, step_times=bool(step_times),
                        stochastic=problem.stochastic())
-        problem.solver = compiled.compiled_solver(solver, f, field_, counted,
-                                                  shapes if is_tuple else None)
+        if gradient == "reversible":  # the reversible scheme itself (coupling= wraps here)
+            from .compiled_reversible import compiled_reversible
+
+            scheme = gradient_module.solver_for(problem, gradient_options.pop("coupling", None))
+            problem.solver = compiled_reversible(scheme, f, field_, counted,
+                                                 shapes if is_tuple else None, problem.adaptive)
+        else:
+            problem.solver = compiled.compiled_solver(solver, f, field_, counted,
+                                                      shapes if is_tuple else None)
     check = getattr(gradient_module, "check", None)
     if check is not None:
         check(problem)

@@ -41,14 +41,36 @@ evict each other. A new lambda or bound method each call is a new f, compiled ag
 f is counted outside the compiled region: s evaluations per step (s − 1 for an FSAL scheme,
 whose first stage is the carry), as the eager loop counts them.
 
-Only fixed-step explicit Runge–Kutta solves with gradient="direct" or "discrete" are
-compiled; anything else with compile=True raises UnsupportedCombinationError naming what is
-supported (see `check`). A failure inside torch.compile raises CompilationError with
-torch's message (no silent fall-back to eager: pass compile=False for that).
+Adaptive steps (dopri5, tsit5, bosh3, ...): the loop calls `rate_errors(rtol, atol, norm)`
+before its first step, and from then on the solver's steps run the rated single step: the
+same step plus the error estimate h Σ_i e_i K_i and its scaled norm ‖err / (atol + rtol
+max(|y_n|, |y_{n+1}|))‖ (control.scaled_error, from detached values), returned as a 0-dim
+tensor (RatedStep.error_ratio). The loop's accept decision reads it: one host read a step
+attempt, the only one (tests/test_compiled.py counts them); h, the times, rtol and atol enter
+as tensors, so new step sizes and tolerances do not recompile. Rejected attempts run the same
+step; the discrete sweep replays the accepted steps (their recorded h) singly through the
+rated step's compiled backward (no blocks: the sizes differ), and a rejected attempt's carry
+is the one it was given (`retry_keeps_carry`), so the replay skips the rejected attempts.
+The ratio is computed with the compiled graph's roundings, not eager's: the estimate cancels
+(Σ e_i = 0), so a rounding difference in the stages is amplified in it, and the next h differs
+from eager's by rounding (~1e-12 relative on the tests' problem). Where the estimate is near
+round-off (a smooth field, a high-order scheme, a loose tolerance: dopri8 there) the step
+sizes, and so the discretisation, can differ visibly from eager's, and a ratio within
+rounding of 1 can be accepted by one and rejected by the other: each solve is then a valid
+solve at the tolerance and its gradient exact for its own steps, but the two are not equal to
+1e-12. A non-FSAL scheme evaluates K_1 inside the step, so it re-evaluates f(t_n, y_n) after
+a rejection (eager reuses it): one more evaluation a rejection.
+
+Explicit Runge–Kutta solves with gradient="direct" or "discrete" are compiled, fixed-step
+or adaptive; what else compile=True serves and refuses is in `check` (anything refused
+raises UnsupportedCombinationError naming what is supported). A failure inside torch.compile
+raises CompilationError with torch's message (no silent fall-back to eager: pass
+compile=False for that).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import types
 from collections import OrderedDict
@@ -58,16 +80,19 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .control import scaled_error
 from .errors import OdegradError, UnsupportedCombinationError
 from .solvers.base import Scalar, Step, VectorField
 from .solvers.explicit import ExplicitRungeKutta
 
 SUPPORTED = (
-    "compile=True supports fixed-step explicit Runge–Kutta solves (euler, midpoint, heun, "
-    "rk4, ralston, ..., or an adaptive tableau with adaptive=False) with gradient='direct' or "
-    "'discrete', without event_fn, step_t/jump_t or per_sample"
+    "compile=True supports explicit Runge–Kutta solves, fixed-step (euler, midpoint, heun, "
+    "rk4, ralston, ...) or adaptive (dopri5, tsit5, bosh3, ...), with gradient='direct', "
+    "'discrete' or 'backsolve'; gradient='reversible' with alf or reversible_<tableau> (or an "
+    "explicit method it wraps) (compiled_reversible.py); without event_fn, step_t/jump_t or "
+    "per_sample"
 )
-GRADIENTS = ("direct", "discrete")
+GRADIENTS = ("direct", "discrete", "backsolve", "reversible")
 
 
 class CompilationError(OdegradError, RuntimeError):
@@ -78,16 +103,20 @@ def check(
     *, gradient: str, solver: Any, adaptive: bool, event_fn: Any = None,
     step_times: bool = False, stochastic: bool = False, extra: Sequence[str] = (),
 ) -> None:
-    """Raise UnsupportedCombinationError for what compile=True does not serve."""
+    """Raise UnsupportedCombinationError for what compile=True does not serve (adaptive
+    steps are served: `adaptive` is kept for the callers)."""
     reasons = []
     if gradient not in GRADIENTS:
         reasons.append(f"gradient={gradient!r}")
-    if solver is not None and not _plain_rk(solver):
+    if gradient == "reversible" and solver is not None:
+        from .compiled_reversible import serves
+
+        if not (serves(solver) or _plain_rk(solver)):
+            reasons.append(f"method={getattr(solver, 'name', solver)!r} with "
+                           "gradient='reversible'")
+    elif solver is not None and not _plain_rk(solver):
         reasons.append(f"method={getattr(solver, 'name', solver)!r} (not an explicit "
                        "Runge–Kutta tableau)")
-    elif solver is not None and adaptive:
-        reasons.append(f"adaptive steps of method={solver.name!r} (pass adaptive=False and "
-                       "step_size=)")
     if event_fn is not None:
         reasons.append("event_fn")
     if step_times:
@@ -120,7 +149,10 @@ class CompiledRungeKutta(ExplicitRungeKutta):
         super().__init__(base.tableau)
         self.fsal = bool(base.tableau.fsal)
         self.counted = counted
+        self._field, self._key = field, cache_key
         self.compiled = _compiled_step(field, cache_key, self)
+        self.compiled_rated: Callable | None = None  # the step with its error ratio (adaptive)
+        self._tolerances: tuple = ()  # (rtol, atol) as the loop gave them, then as tensors
         self.block = BLOCK
         self.compiled_block = _compiled_step(field, cache_key, self, BLOCK) if BLOCK > 1 else None
         self._pending: _Pending | None = None  # the steps of the current block not handed out
@@ -130,7 +162,26 @@ class CompiledRungeKutta(ExplicitRungeKutta):
 
     def init(self, f: VectorField, t0: Tensor, y0: Tensor) -> Tensor | None:
         # An FSAL step takes K_1 as its carry; otherwise K_1 is evaluated inside the step.
-        return f(t0, y0) if self.fsal else None
+        # f is called as the compiled step calls it (counted here, checked without reading t).
+        if not self.fsal:
+            return None
+        k1 = self._field(t0, y0)
+        self._count(1)
+        self._check_outputs([k1], t0)
+        return k1
+
+    # Adaptive steps (the loop asks through rate_errors, then reads Step.error_ratio).
+    retry_keeps_carry = True  # a rejected attempt hands the next one the carry it was given
+
+    def rate_errors(self, rtol: Tensor | float, atol: Tensor | float, norm: Callable) -> None:
+        """From now on every step also returns ‖err / (atol + rtol max(|y_n|, |y_{n+1}|))‖
+        (control.scaled_error, HNW II (4.11)) computed in its compiled graph, so the loop's
+        accept decision reads one number per step. A scheme without an error estimate
+        ignores this."""
+        if self._e is None:
+            return
+        self._tolerances = (rtol, atol)
+        self.compiled_rated = _compiled_step(self._field, self._key, self, norm=norm)
 
     def step(
         self, f: VectorField, t: Tensor, h: Scalar, y: Tensor, carry: Tensor | None,
@@ -150,9 +201,26 @@ class CompiledRungeKutta(ExplicitRungeKutta):
             y, h_tensor = y.detach(), h_tensor.detach()
             k1 = None if k1 is None else k1.detach()
             stage_times = [x.detach() for x in stage_times]
-        y_next, ks = self._call(self.compiled, tuple(stage_times), h_tensor, y, k1)
+        ratio = None
+        if self.compiled_rated is not None:
+            y_next, ks, ratio = self._call(self.compiled_rated, tuple(stage_times), h_tensor, y,
+                                           k1, *self._tolerance_tensors(y))
+        else:
+            y_next, ks = self._call(self.compiled, tuple(stage_times), h_tensor, y, k1)
         ks = list(ks) if k1 is None else [k1, *ks]
-        return self._deliver(y_next, ks, t)
+        return self._deliver(y_next, ks, t, ratio=ratio)
+
+    def _tolerance_tensors(self, like: Tensor) -> tuple[Tensor, Tensor]:
+        """rtol and atol as tensors of y's dtype and device (made once a solve), so their
+        values are inputs of the compiled step, not constants baked into it."""
+        rtol, atol = self._tolerances
+        if not isinstance(rtol, Tensor) or not isinstance(atol, Tensor) or \
+                rtol.dtype != like.dtype or atol.dtype != like.dtype:
+            rtol, atol = (v.to(like.dtype) if isinstance(v, Tensor) else
+                          torch.full((), v, dtype=like.dtype, device=like.device)
+                          for v in (rtol, atol))
+            self._tolerances = (rtol, atol)
+        return rtol, atol
 
     def _from_block(self, f: VectorField, h: Scalar, y: Tensor, carry: Tensor | None,
                     stage_times: Sequence[Tensor]) -> Step | None:
@@ -203,15 +271,23 @@ class CompiledRungeKutta(ExplicitRungeKutta):
         return self._deliver(y_next, ks, t, counted=0)  # counted when the block ran
 
     def _deliver(self, y_next: Tensor, ks: list[Tensor], t: Tensor | None,
-                 counted: int | None = None) -> Step:
+                 counted: int | None = None, ratio: Tensor | None = None) -> Step:
         # s evaluations a step, s − 1 after an FSAL carry
         self._count(len(ks) - (1 if self.fsal else 0) if counted is None else counted)
         if not self._checked and t is not None:
-            for k in ks:
-                self.counted._check(k, t)
-            self._checked = True
-        return Step(y=y_next, error=None, dense=ks, carry=ks[-1] if self.fsal else None,
-                    retry_carry=ks[0])
+            self._check_outputs(ks, t)
+        return RatedStep(y=y_next, error=None, dense=ks, carry=ks[-1] if self.fsal else None,
+                         retry_carry=ks[0], error_ratio=ratio)
+
+    def _check_outputs(self, ks: Sequence[Tensor], t: Tensor) -> None:
+        """f's outputs have y's shape, dtype and device (once a solve): compared here without
+        reading t, so no host synchronisation; the counted field words the error."""
+        counted = self.counted
+        for k in ks:
+            if (not isinstance(k, Tensor) or k.shape != counted._shape
+                    or k.dtype != counted._dtype or k.device != counted._device):
+                counted._check(k, t)
+        self._checked = True
 
     def block_vjp(self, rows: Tensor, h: float, y: Tensor, k1: Tensor | None,
                   y_bar: Tensor | None, carry_bar: Tensor | None,
@@ -257,13 +333,24 @@ class CompiledRungeKutta(ExplicitRungeKutta):
     def _step_tensor(self, h: float, like: Tensor) -> Tensor:
         value = self._h.get(h)
         if value is None:
-            value = self._h[h] = torch.tensor(h, dtype=like.dtype, device=like.device)
+            if len(self._h) >= 64:  # adaptive steps: a new size nearly every step
+                self._h.clear()
+            # a fill kernel, not a copy from the host: no synchronisation on a device
+            value = self._h[h] = torch.full((), h, dtype=like.dtype, device=like.device)
         return value
 
     def _count(self, n: int) -> None:
         stats = self.counted.stats
         key = "nfe_backward" if stats.get("_phase") == "backward" else "nfe_forward"
         stats[key] = stats.get(key, 0) + n
+
+
+@dataclasses.dataclass
+class RatedStep(Step):
+    """A step with its scaled error norm (0-dim, computed in the compiled graph; None for a
+    step taken without rate_errors), which the loop reads for its accept decision."""
+
+    error_ratio: Tensor | None = None
 
 
 class _Pending:
@@ -310,9 +397,10 @@ BLOCK = 8
 
 
 def _compiled_step(field: VectorField, key: Any, scheme: ExplicitRungeKutta,
-                   block: int = 1) -> Callable:
-    """The compiled step of `scheme` for `field` (`block` > 1: that many steps unrolled), from
-    the cache or built now (compiled lazily, at its first call, by torch.compile)."""
+                   block: int = 1, norm: Callable | None = None) -> Callable:
+    """The compiled step of `scheme` for `field` (`block` > 1: that many steps unrolled; a
+    `norm`: the single step with its error ratio), from the cache or built now (compiled
+    lazily, at its first call, by torch.compile)."""
     owner = getattr(field, "f", field) if key[0] == "tuple" else field
     # keyed by id, the entry holding f itself (so the id cannot be reused while it is cached)
     held = _CACHE.get(id(owner))
@@ -323,7 +411,8 @@ def _compiled_step(field: VectorField, key: Any, scheme: ExplicitRungeKutta,
     _CACHE.move_to_end(id(owner))
     entries = held[1]
     full_key = (key, BACKEND, scheme.name, tuple(scheme._c), tuple(map(tuple, scheme._a)),
-                tuple(scheme._b), bool(scheme.tableau.fsal), block)
+                tuple(scheme._b), bool(scheme.tableau.fsal), block,
+                None if norm is None else (tuple(scheme._e), norm))
     compiled = entries.get(full_key)
     if compiled is None:
         # On the CPU, a C++ wrapper around the generated kernels: the Python one's buffer
@@ -333,17 +422,23 @@ def _compiled_step(field: VectorField, key: Any, scheme: ExplicitRungeKutta,
         inductor = BACKEND == "inductor"
         options = {"cpp_wrapper": True} if inductor and key[-1] == "cpu" else None
         compiled = entries[full_key] = torch.compile(
-            _step_function(field, scheme, block), backend=BACKEND, dynamic=False, fullgraph=True,
+            _step_function(field, scheme, block, norm), backend=BACKEND, dynamic=False,
+            fullgraph=True,
             options=options,
         )
     return compiled
 
 
-def _step_function(field: VectorField, scheme: ExplicitRungeKutta, block: int = 1) -> Callable:
+def _step_function(field: VectorField, scheme: ExplicitRungeKutta, block: int = 1,
+                   norm: Callable | None = None) -> Callable:
     """The step (block == 1) or `block` steps as a plain function, with its own code object (so
     its own dynamo cache). A block takes the stage times as a (block, s) tensor and returns
-    (y_{n+1}, …, y_{n+block}) and every step's stages (the first without an FSAL carry)."""
+    (y_{n+1}, …, y_{n+block}) and every step's stages (the first without an FSAL carry).
+    With a `norm`, the step also takes (rtol, atol) and returns its error ratio
+    ‖h Σ_i e_i K_i / (atol + rtol max(|y_n|, |y_{n+1}|))‖ (control.scaled_error), computed
+    from detached values: no gradient flows through the controller."""
     a_terms, b_terms, stages = scheme._a, scheme._b, scheme.stages
+    e_terms = scheme._e
     fsal = bool(scheme.tableau.fsal)
 
     def one(times, h: Tensor, y: Tensor, k1: Tensor | None):
@@ -374,7 +469,18 @@ def _step_function(field: VectorField, scheme: ExplicitRungeKutta, block: int = 
             k1 = (ks[-1] if ks else k1) if fsal else None
         return tuple(ys), tuple(kss)
 
-    chosen = step if block == 1 else steps
+    def rated_step(times: tuple[Tensor, ...], h: Tensor, y: Tensor, k1: Tensor | None,
+                   rtol: Tensor, atol: Tensor):
+        y_next, ks = one(times, h, y, k1)
+        full = ks if k1 is None else (k1, *ks)
+        (j, e), rest = e_terms[0], e_terms[1:]
+        error = full[j] * (h * e)
+        for j, e in rest:
+            error = error + full[j] * (h * e)
+        ratio = scaled_error(error.detach(), y.detach(), y_next.detach(), rtol, atol, norm)
+        return y_next, ks, ratio
+
+    chosen = rated_step if norm is not None else step if block == 1 else steps
     code = chosen.__code__.replace(co_name=f"odegrad_compiled_step_{next(_serial)}")
     return types.FunctionType(code, chosen.__globals__, code.co_name, chosen.__defaults__,
                               chosen.__closure__)

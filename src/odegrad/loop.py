@@ -178,6 +178,9 @@ def integrate(
     Fixed steps make no host synchronisation: finiteness is checked once, on the final state
     (inf and nan persist through later steps); only when it fails is the solve replayed with
     `check_each_step=True` to name the step where f first returned a non-finite value.
+    Adaptive steps read one number a step attempt on the host, the error ratio of the accept
+    decision (a solver with `rate_errors`, compile=True, computes it inside its step and hands
+    it over as Step.error_ratio).
     """
     stats = {} if stats is None else stats
     if adaptive is None:
@@ -198,6 +201,8 @@ def integrate(
     next_landing = 0  # landings[next_landing]: the next output time a step must end on
 
     solver.configure(rtol=rtol, atol=atol)
+    if adaptive and hasattr(solver, "rate_errors"):  # compile=True: the ratio in the step
+        solver.rate_errors(rtol, atol, norm)
     state = solver.initial_state(y0)
     carry = solver.init(f, t[0], state)
     if adaptive:
@@ -304,7 +309,10 @@ def integrate(
         stats["n_steps"] += 1
 
         if plan is None:
-            ratio = float(scaled_error(
+            # the accept decision's one host synchronisation a step; a step that computed its
+            # ratio (compile=True: in its compiled graph) hands it over as error_ratio
+            rated = getattr(step, "error_ratio", None)
+            ratio = float(rated if rated is not None else scaled_error(
                 step.error.detach(), solver.observe(y).detach(), solver.observe(step.y).detach(),
                 rtol, atol,
                 norm,
@@ -566,7 +574,10 @@ def replay_rejected(
 ):
     """The carry that the accepted attempt of step `record` started from: `carry` (the one
     step n − 1 handed on) passed again through the attempts the loop rejected at t_n, with
-    the loop's retry rule. Without rejections this is `carry` itself, at no cost."""
+    the loop's retry rule. Without rejections, or for a solver whose retry carry is the one
+    it was given (`retry_keeps_carry`: a compiled explicit step), this is `carry` itself."""
+    if getattr(solver, "retry_keeps_carry", False):
+        return carry
     for h in record.rejected:
         try:
             attempt = solver.step(f, t_n, h, y, carry)

@@ -15,8 +15,15 @@ refused.
 
 Explicit Runge–Kutta methods with an error estimate and dense output, adaptive steps;
 gradient="direct" (autograd through the loop) or gradient="discrete" (the exact discrete adjoint
-of the masked scheme, per_sample_gradients.py, checkpoints="all" or "solution"); every other
-option raises.
+of the masked scheme, per_sample_gradients.py, checkpoints="all", "solution" or an int budget
+of states per sample, per_sample_checkpoints.py); gradient="backsolve" or "interpolated" (the
+continuous adjoint solved backwards per sample with its own adaptive steps, y re-solved or read
+from each sample's Lobatto-node interpolant, per_sample_adjoint.py; options adjoint_method,
+adjoint_rtol, adjoint_atol, adjoint_step_size, adjoint_norm="seminorm", n_nodes); and
+gradient="reversible" with the adaptive reversible schemes (alf, reversible_heun,
+reversible_<base> for a base with an error estimate and dense output, or such a plain method
+wrapped with coupling=; options coupling, eta, drift_tol): each sample's accepted steps undone
+in reverse, masked (per_sample_reversible.py). Every other option raises.
 """
 
 from __future__ import annotations
@@ -88,17 +95,13 @@ def solve_per_sample(
     as given. stats: "n_steps" (masked batch steps), "nfe_forward" (f calls, each on the
     whole batch) and, per sample as (batch,) int64 tensors, "sample_n_steps",
     "sample_n_accepted", "sample_n_rejected" and "sample_nfe": what each sample's lone solve
-    reports as n_steps, n_accepted, n_rejected and nfe_forward.
+    reports as n_steps, n_accepted, n_rejected and nfe_forward. The gradient methods add their
+    own (per_sample_gradients.py, per_sample_adjoint.py, per_sample_reversible.py).
     """
     method = _resolve_method(method)
     load_gradient(gradient)  # an unknown name raises UnknownNameError
     _check_function_transforms(gradient)
-    if gradient not in ("direct", "discrete"):
-        raise UnsupportedCombinationError(
-            f"gradient={gradient!r} is not implemented with per_sample=True yet; use "
-            "gradient='direct' (autograd through the per-sample loop) or gradient='discrete' "
-            "(its exact discrete adjoint)"
-        )
+    gradient_options = _gradient_options(gradient, options)
     checkpoints = _checkpoint_policy(checkpoints, gradient)
     _refuse(event_fn is not None, "event_fn=")
     _refuse(event_direction != 0, "event_direction=")
@@ -117,8 +120,14 @@ def solve_per_sample(
     if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
         raise InvalidInputError(f"max_steps must be a positive int, got {max_steps!r}")
 
-    solver = make_solver(method)
-    if not _runs_per_sample(solver):
+    if gradient == "reversible":
+        from .per_sample_reversible import reversible_solver
+
+        solver = reversible_solver(method, gradient_options.pop("coupling", None),
+                                   gradient_options.pop("eta", None))
+    else:
+        solver = make_solver(method)
+    if gradient != "reversible" and not _runs_per_sample(solver):
         raise UnsupportedCombinationError(
             f"method={method!r} does not run with per_sample=True yet; use one of "
             f"{', '.join(per_sample_methods())} (explicit Runge–Kutta with adaptive steps)"
@@ -142,9 +151,8 @@ def solve_per_sample(
     sample = SampleStats(*(torch.zeros(0, dtype=torch.long),) * 4)
     loop_kwargs = dict(rtol=rtol, atol=atol, max_steps=max_steps, control=control,
                        step_size=None if step_size is None else float(step_size))
-    if gradient == "discrete":
+    if gradient != "direct":
         from .api import _unique_params, probe_field
-        from .per_sample_gradients import solve_discrete
 
         if params is None:
             params = list(module.parameters()) if module is not None else []
@@ -152,10 +160,25 @@ def solve_per_sample(
         if torch.is_grad_enabled() and probe_field(f, y0, times.transpose(0, 1), params,
                                                    gradient, module):
             raise UnsupportedCombinationError(
-                "f draws random numbers (e.g. dropout in training mode): gradient='discrete' "
-                "with per_sample=True replays f in the backward pass and would see other draws; "
-                "use gradient='direct', or call f.eval()"
+                f"f draws random numbers (e.g. dropout in training mode): gradient={gradient!r} "
+                "with per_sample=True evaluates f again in the backward pass and would see "
+                "other draws; use gradient='direct', or call f.eval()"
             )
+    if gradient == "reversible":
+        from .per_sample_reversible import solve_reversible
+
+        ys = solve_reversible(_BatchField(f, y0, stats), y0, times, solver, raw_f=f,
+                              params=params, stats=stats, sample=sample, module=module,
+                              drift_tol=gradient_options.get("drift_tol"), **loop_kwargs)
+    elif gradient in ("backsolve", "interpolated"):
+        from .per_sample_adjoint import solve_adjoint
+
+        ys = solve_adjoint(_BatchField(f, y0, stats), y0, times, solver, gradient=gradient,
+                           raw_f=f, params=params, stats=stats, sample=sample, module=module,
+                           options=gradient_options, **loop_kwargs)
+    elif gradient == "discrete":
+        from .per_sample_gradients import solve_discrete
+
         ys = solve_discrete(_BatchField(f, y0, stats), y0, times, solver, raw_f=f, params=params,
                             checkpoints=checkpoints, stats=stats, sample=sample, module=module,
                             **loop_kwargs)
@@ -170,6 +193,21 @@ def solve_per_sample(
     return Solution(ts=t, ys=ys, stats=stats)
 
 
+def _gradient_options(gradient: str, options: dict) -> dict:
+    """Take the options of `gradient` out of `options`: backsolve's and interpolated's
+    adjoint_* (and n_nodes), reversible's coupling, eta and drift_tol (per_sample_adjoint.py,
+    per_sample_reversible.py)."""
+    if gradient in ("backsolve", "interpolated"):
+        from .per_sample_adjoint import adjoint_options
+
+        names = adjoint_options(gradient)
+    elif gradient == "reversible":
+        from .per_sample_reversible import REVERSIBLE_OPTIONS as names
+    else:
+        names = ()
+    return {name: options.pop(name) for name in names if name in options}
+
+
 def _refuse(condition: bool, what: str) -> None:
     if condition:
         raise UnsupportedCombinationError(
@@ -178,8 +216,9 @@ def _refuse(condition: bool, what: str) -> None:
         )
 
 
-def _checkpoint_policy(checkpoints, gradient: str) -> str | None:
-    """checkpoints= for gradient="discrete": "all" (default) or "solution"; refused otherwise."""
+def _checkpoint_policy(checkpoints, gradient: str) -> str | int | None:
+    """checkpoints= for gradient="discrete": "all" (default), "solution" or an int c ≥ 1 (at
+    most c states per sample, per_sample_checkpoints.py); refused otherwise."""
     if gradient != "discrete":
         _refuse(checkpoints is not None, "checkpoints= (it applies to gradient='discrete')")
         return None
@@ -187,14 +226,11 @@ def _checkpoint_policy(checkpoints, gradient: str) -> str | None:
         return "all"
     if isinstance(checkpoints, str) and checkpoints in ("all", "solution"):
         return checkpoints
-    if isinstance(checkpoints, int) and not isinstance(checkpoints, bool):
-        raise UnsupportedCombinationError(
-            f"checkpoints={checkpoints} (a budget of kept states) is not implemented with "
-            "per_sample=True yet; use checkpoints='all' (default) or 'solution' (each "
-            "sample's states only, first stages recomputed)"
-        )
+    if isinstance(checkpoints, int) and not isinstance(checkpoints, bool) and checkpoints >= 1:
+        return checkpoints
     raise InvalidInputError(
-        f"checkpoints must be 'all', 'solution' or an int, got {checkpoints!r}"
+        f"checkpoints must be 'all', 'solution' or a positive int (the states kept per "
+        f"sample), got {checkpoints!r}"
     )
 
 

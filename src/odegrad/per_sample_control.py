@@ -1,15 +1,18 @@
 """Step-size control per sample: control.py's error norm, PI controller and initial step,
 vectorised over a batch of independent problems.
 
-Every quantity is one value per sample, a float64 tensor of shape (batch,) (the shared-step
-loop keeps them as Python floats, i.e. float64, so each sample takes the step sequence of its
-lone solve). No function here synchronises with the host.
+Every quantity is one value per sample, float64 of shape (batch,) (the shared-step loop keeps
+them as Python floats, i.e. float64, so each sample takes the step sequence of its lone solve).
+`propose` and `clamp` take NumPy arrays (per_sample_loop.py keeps the controller on the host,
+read once per step) or tensors (no host synchronisation) alike; the error norm and the initial
+step are tensor functions on y's device.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -31,9 +34,14 @@ def sample_scaled_error(
     return sample_rms(error / scale).double()
 
 
+def _namespace(x):
+    """numpy for an ndarray, torch for a tensor (the functions they share: where, clip, …)."""
+    return np if isinstance(x, np.ndarray) else torch
+
+
 def _python_max(a: Tensor, b: Tensor | float) -> Tensor:
     """Python's max(a, b): a unless b > a (so a NaN b gives a, as in control.py)."""
-    return torch.where(b > a, b, a)
+    return _namespace(a).where(b > a, b, a)
 
 
 def _python_min(a: Tensor | float, b: Tensor) -> Tensor:
@@ -75,16 +83,18 @@ def propose(
     k = 1 + the embedded order, clipped to [min_factor, max_factor], ≤ 1 after a rejection.
     `ratio` must be finite (the loop handles non-finite errors itself).
     """
+    xp = _namespace(h)
     k = controller.error_order + 1
     factor = controller.safety * ratio ** (-controller.beta1 / k)
-    factor = torch.where(accepted, factor * previous ** (controller.beta2 / k), factor)
-    factor = torch.where(ratio == 0.0, controller.max_factor, factor)
-    factor = factor.clamp(controller.min_factor, controller.max_factor)
-    previous = torch.where(accepted, _python_max(ratio, 1e-4), previous)
-    factor = torch.where(accepted, factor, factor.clamp(max=1.0))
+    factor = xp.where(accepted, factor * previous ** (controller.beta2 / k), factor)
+    factor = xp.where(ratio == 0.0, controller.max_factor, factor)
+    factor = xp.clip(factor, controller.min_factor, controller.max_factor)
+    previous = xp.where(accepted, _python_max(ratio, 1e-4), previous)
+    factor = xp.where(accepted, factor, xp.clip(factor, None, 1.0))
     return h * factor, previous
 
 
 def clamp(control: StepControl, h: Tensor) -> Tensor:
     """StepControl.clamp per sample: |h| clipped to [min_step, max_step], its sign kept."""
-    return torch.copysign(h.abs().clamp(control.min_step, control.max_step), h)
+    xp = _namespace(h)
+    return xp.copysign(xp.clip(xp.abs(h), control.min_step, control.max_step), h)

@@ -24,7 +24,8 @@ so sample b holds 1 + its accepted steps, as if solved alone):
   "solution": y_n only; the replay re-evaluates K1_n = f(t_n, y_n) (one more f per step for
       FSAL schemes: equal to the carried stage up to rounding). Non-FSAL schemes keep y_n only
       under both policies: their K1_n is f(t_n, y_n) bit for bit.
-  An int budget is refused (not implemented with per_sample=True yet).
+  int c: at most c states per sample, the rest recomputed by revolve in the backward pass
+      (per_sample_checkpoints.py).
 stats: "checkpoint_bytes" (the kept rows plus the per-step records), "sample_checkpoint_bytes"
 ((batch,) int64: the bytes of each sample's kept rows), "checkpoints" (the policy) and
 "nfe_backward" (f calls in the backward pass, each on the whole batch).
@@ -111,6 +112,8 @@ class StepRecorder:
 
     def finish(self) -> None:
         """Join the kept rows into one tensor each (gathered per step by the backward pass)."""
+        if not self.y_rows:  # a single output time: nothing recorded
+            return
         self.y_all = torch.cat(self.y_rows)
         self.k1_all = torch.cat(self.k1_rows) if self.keep_stage else None
         self.y_rows, self.k1_rows = [], []
@@ -134,9 +137,11 @@ class _Counted:
 
 
 def replay_step(f, tab: _Tableau, step: _Step, y: Tensor, k1: Tensor | None, times: Tensor,
-                time_grad: bool) -> tuple[Tensor, Tensor | None, list[Tensor]]:
+                time_grad: bool, outputs: bool = True) -> tuple[Tensor, Tensor | None,
+                                                                list[Tensor]]:
     """One masked step as per_sample_loop.py takes it, under whatever grad mode is on:
-    (y_{n+1}, K1_{n+1} or None when K1 is re-evaluated, the outputs read in the step)."""
+    (y_{n+1}, K1_{n+1} or None when K1 is re-evaluated, the outputs read in the step, none
+    unless `outputs`)."""
     batch = y.shape[0]
     view = (batch,) + (1,) * (y.dim() - 1)
     dtype = y.dtype
@@ -160,7 +165,7 @@ def replay_step(f, tab: _Tableau, step: _Step, y: Tensor, k1: Tensor | None, tim
     values = []
     n_times = times.shape[1]
     td = times.detach().double()
-    for index, emit in step.passes:
+    for index, emit in step.passes if outputs else ():
         if time_grad:
             theta = (times.gather(1, index[:, None]).squeeze(1) - t_step) / torch.where(
                 emit, h_step, 1.0)
@@ -182,10 +187,10 @@ def replay_step(f, tab: _Tableau, step: _Step, y: Tensor, k1: Tensor | None, tim
 class _Run:
     """The forward pass's inputs and records, shared with the backward pass."""
 
-    def __init__(self, f, raw_f, solver, loop_kwargs: dict, keep_stage: bool, stats: dict,
+    def __init__(self, f, raw_f, solver, loop_kwargs: dict, recorder, stats: dict,
                  sample: SampleStats, module):
         self.f, self.raw_f, self.solver, self.loop_kwargs = f, raw_f, solver, loop_kwargs
-        self.recorder = StepRecorder(keep_stage)
+        self.recorder = recorder
         self.stats, self.sample, self.module = stats, sample, module
 
 
@@ -194,8 +199,7 @@ class _DiscretePerSample(torch.autograd.Function):
     def forward(ctx, run: _Run, y0: Tensor, times: Tensor, *params: Tensor) -> Tensor:
         ys = integrate_per_sample(run.f, y0, times, run.solver, stats=run.sample,
                                   recorder=run.recorder, **run.loop_kwargs)
-        if run.recorder.y_rows:
-            run.recorder.finish()
+        run.recorder.finish()
         ctx.run, run.params = run, params  # f reads the params themselves: keep those objects
         ctx.save_for_backward(y0, times)
         return ys
@@ -208,7 +212,12 @@ class _DiscretePerSample(torch.autograd.Function):
         params = run.params
         needs = ctx.needs_input_grad[1:]
         with restored_buffers(run.module), torch.enable_grad():
-            grads = _backward(run, y0, times, params, grad_ys, needs)
+            if isinstance(run.recorder, StepRecorder):
+                grads = _backward(run, y0, times, params, grad_ys, needs)
+            else:
+                from .per_sample_checkpoints import reverse_with_budget
+
+                grads = reverse_with_budget(run, y0, times, params, grad_ys, needs)
         return (None, *grads)
 
 
@@ -216,54 +225,83 @@ def _backward(run: _Run, y0: Tensor, times: Tensor, params: list[Tensor], grad_y
               needs: tuple[bool, ...]) -> list[Tensor | None]:
     """Reverse the recorded steps: [∂L/∂y0, ∂L/∂t, ∂L/∂θ...] (None where not needed)."""
     rec = run.recorder
-    batch = y0.shape[0]
-    view = (batch,) + (1,) * (y0.dim() - 1)
-    f = _Counted(run.raw_f, run.stats, "nfe_backward")
-    time_grad = needs[1]
-    wanted = [p for p, need in zip(params, needs[2:]) if need]
-    lam = torch.zeros_like(y0)
-    mu = torch.zeros_like(y0) if rec.keep_stage else None
-    grad_t = torch.zeros_like(times) if time_grad else None
-    grad_p = [torch.zeros_like(p) for p in wanted]
-    per_sample_g = grad_ys.movedim(0, 1)  # (batch, n_times, ...)
-    samples = torch.arange(batch, device=y0.device)
-    tab = _Tableau(run.solver, y0) if rec.steps else None
-    t_leaf = times.detach().requires_grad_(time_grad)
+    sweep = Sweep(run, y0, times, params, grad_ys, needs, carried=rec.keep_stage)
     for step in reversed(rec.steps):
-        y = rec.y_all.index_select(0, step.row).requires_grad_()
-        k1 = rec.k1_all.index_select(0, step.row).requires_grad_() if rec.keep_stage else None
-        y_out, k1_out, values = replay_step(f, tab, step, y, k1, t_leaf, time_grad)
-        outputs, cotangents = [y_out], [lam]
+        y = rec.y_all.index_select(0, step.row)
+        k1 = rec.k1_all.index_select(0, step.row) if rec.keep_stage else None
+        sweep.reverse(step, y, k1)
+    return sweep.finish()
+
+
+class Sweep:
+    """The reverse sweep's cotangents: (λ, μ) = (∂L/∂y_{n+1}, ∂L/∂K1_{n+1}) of the batch, and
+    the accumulated ∂L/∂t and ∂L/∂θ. `reverse` pulls them back through one masked step, given
+    its y_n (and carried K1_n, or None when the replay re-evaluates it); `finish` adds the
+    initial carry's share and returns [∂L/∂y0, ∂L/∂t, ∂L/∂θ...] (None where not needed)."""
+
+    def __init__(self, run: _Run, y0: Tensor, times: Tensor, params: list[Tensor],
+                 grad_ys: Tensor, needs: tuple[bool, ...], carried: bool):
+        self.y0, self.grad_ys, self.needs, self.carried = y0, grad_ys, needs, carried
+        batch = y0.shape[0]
+        self.view = (batch,) + (1,) * (y0.dim() - 1)
+        self.f = _Counted(run.raw_f, run.stats, "nfe_backward")
+        self.time_grad = needs[1]
+        self.wanted = [p for p, need in zip(params, needs[2:]) if need]
+        self.lam = torch.zeros_like(y0)
+        self.mu = torch.zeros_like(y0) if carried else None
+        self.grad_t = torch.zeros_like(times) if self.time_grad else None
+        self.grad_p = [torch.zeros_like(p) for p in self.wanted]
+        self.per_sample_g = grad_ys.movedim(0, 1)  # (batch, n_times, ...)
+        self.samples = torch.arange(batch, device=y0.device)
+        self.tab = _Tableau(run.solver, y0)
+        self.t_leaf = times.detach().requires_grad_(self.time_grad)
+        self.reversed_any = False
+
+    def reverse(self, step: _Step, y: Tensor, k1: Tensor | None) -> None:
+        """(λ, μ) ← the pull-back of (λ, μ) and the step's outputs' cotangents through `step`."""
+        self.reversed_any = True
+        y = y.detach().requires_grad_()
+        k1 = k1.detach().requires_grad_() if k1 is not None else None
+        y_out, k1_out, values = replay_step(self.f, self.tab, step, y, k1, self.t_leaf,
+                                            self.time_grad)
+        outputs, cotangents = [y_out], [self.lam]
         if k1_out is not None:
             outputs.append(k1_out)
-            cotangents.append(mu)
+            cotangents.append(self.mu)
         for (index, emit), value in zip(step.passes, values):
-            g = per_sample_g[samples, index]
+            g = self.per_sample_g[self.samples, index]
             outputs.append(value)
-            cotangents.append(torch.where(emit.reshape(view), g, 0.0))
-        inputs = [y] + ([k1] if k1 is not None else []) + ([t_leaf] if time_grad else []) + wanted
+            cotangents.append(torch.where(emit.reshape(self.view), g, 0.0))
+        inputs = [y] + ([k1] if k1 is not None else []) + (
+            [self.t_leaf] if self.time_grad else []) + self.wanted
         result = torch.autograd.grad(outputs, inputs, cotangents, allow_unused=True)
-        lam = _or_zero(result[0], y)
+        self.lam = _or_zero(result[0], y)
         position = 1
         if k1 is not None:
-            mu, position = _or_zero(result[1], k1), 2
-        if time_grad:
-            grad_t = grad_t + _or_zero(result[position], t_leaf)
+            self.mu, position = _or_zero(result[1], k1), 2
+        if self.time_grad:
+            self.grad_t = self.grad_t + _or_zero(result[position], self.t_leaf)
             position += 1
-        grad_p = [acc + _or_zero(g, p) for acc, g, p in zip(grad_p, result[position:], wanted)]
-    if rec.keep_stage and rec.steps:  # the first stage K1_0 = f(t_0, y0) of the carry
-        y = y0.detach().requires_grad_()
-        k1 = f(t_leaf[:, 0], y)
-        inputs = [y] + ([t_leaf] if time_grad else []) + wanted
-        result = torch.autograd.grad([k1], inputs, [mu], allow_unused=True)
-        lam = lam + _or_zero(result[0], y)
-        if time_grad:
-            grad_t = grad_t + _or_zero(result[1], t_leaf)
-        grad_p = [acc + _or_zero(g, p) for acc, g, p in zip(grad_p, result[1 + time_grad:], wanted)]
-    lam = lam + grad_ys[0]
-    it = iter(grad_p)
-    return [lam if needs[0] else None, grad_t,
-            *(next(it) if need else None for need in needs[2:])]
+        self.grad_p = [acc + _or_zero(g, p)
+                       for acc, g, p in zip(self.grad_p, result[position:], self.wanted)]
+
+    def finish(self) -> list[Tensor | None]:
+        lam, grad_t, grad_p, time_grad = self.lam, self.grad_t, self.grad_p, self.time_grad
+        if self.carried and self.reversed_any:  # the first stage K1_0 = f(t_0, y0) of the carry
+            y = self.y0.detach().requires_grad_()
+            k1 = self.f(self.t_leaf[:, 0], y)
+            inputs = [y] + ([self.t_leaf] if time_grad else []) + self.wanted
+            result = torch.autograd.grad([k1], inputs, [self.mu], allow_unused=True)
+            lam = lam + _or_zero(result[0], y)
+            if time_grad:
+                grad_t = grad_t + _or_zero(result[1], self.t_leaf)
+            grad_p = [acc + _or_zero(g, p)
+                      for acc, g, p in zip(grad_p, result[1 + time_grad:], self.wanted)]
+        lam = lam + self.grad_ys[0]
+        it = iter(grad_p)
+        needs = self.needs
+        return [lam if needs[0] else None, grad_t,
+                *(next(it) if need else None for need in needs[2:])]
 
 
 def _or_zero(g: Tensor | None, like: Tensor) -> Tensor:
@@ -271,14 +309,21 @@ def _or_zero(g: Tensor | None, like: Tensor) -> Tensor:
 
 
 def solve_discrete(f, y0: Tensor, times: Tensor, solver, *, raw_f, params: tuple[Tensor, ...],
-                   checkpoints: str, stats: dict, sample: SampleStats, module,
+                   checkpoints: str | int, stats: dict, sample: SampleStats, module,
                    **loop_kwargs) -> Tensor:
     """The per-sample solve with the discrete adjoint as its backward pass: ys (n_times,
     batch, ...); fills stats' checkpoint and backward entries. f is the forward pass's
-    (counted) field, raw_f the user's f, which the backward pass calls."""
-    keep_stage = checkpoints == "all" and solver.tableau.fsal
+    (counted) field, raw_f the user's f, which the backward pass calls. An int `checkpoints`
+    is a budget of states per sample (per_sample_checkpoints.py)."""
     stats["nfe_backward"] = 0
-    run = _Run(f, raw_f, solver, loop_kwargs, keep_stage, stats, sample, module)
+    if isinstance(checkpoints, int):
+        from .per_sample_checkpoints import BudgetRecorder
+
+        recorder = BudgetRecorder(checkpoints)
+        stats["n_recomputed_steps"] = 0
+    else:
+        recorder = StepRecorder(checkpoints == "all" and solver.tableau.fsal)
+    run = _Run(f, raw_f, solver, loop_kwargs, recorder, stats, sample, module)
     ys = _DiscretePerSample.apply(run, y0, times, *params)
     if run.recorder.rows:
         total, per_sample = run.recorder.nbytes()

@@ -6,13 +6,22 @@ its own components), accept/reject decision and PI-controller state, exactly as
 clipping of the last step onto its end time and dense output at its own output times. Each
 iteration is one masked step of the whole batch: f is called on every sample, and
 `torch.where` keeps the results of the samples whose step was accepted; finished samples step
-by h = 0 and are left as they are. The controller's values are float64 and detached, as the
-shared loop's Python floats are.
+by h = 0 and are left as they are.
 
-One host synchronisation per iteration, for the whole batch: a small tensor (all done?, the most
-outputs one step passed, any error?, any stale first stage?, any non-finite attempt?) read by
-one `.tolist()`. Under autograd, an iteration where some sample's attempt overflowed is redone
-with h = 0 for those samples, so that no inf/nan enters the graph of the kept branch.
+The step-size control runs on the host: each sample's t_n, h_n, offset, controller state,
+counters and masks are float64 / bool NumPy arrays of shape (batch,) (float64 as the shared
+loop's Python floats, so each sample takes its lone solve's steps), updated with a few dozen
+NumPy operations per step instead of ~150 small tensor operations on y's device. The device
+receives what the step needs (the products h · a_ij, h · b_j, h · e_j, h · c_i and the offsets,
+rounded to y's dtype as the lone solve rounds h · a; which samples were accepted; the dense-output
+weights) by non-blocking host-to-device copies; it sends back one (2, batch) tensor per
+step, each sample's error ratio and whether its first stage is finite, read by one `.tolist()`:
+the one host synchronisation per iteration, for the whole batch. Outputs: per_sample_outputs.py.
+
+Under autograd, an iteration where some sample's attempt overflowed is redone with h = 0 for
+those samples, so that no inf/nan enters the graph of the kept branch. When every sample's step
+is accepted (none finished, none rejected), y_{n+1} and the carried stage are taken as they
+are, without a mask.
 """
 
 from __future__ import annotations
@@ -26,6 +35,12 @@ from torch import Tensor
 from .control import PIController, StepControl
 from .errors import MaxStepsExceededError, NonFiniteError, StepSizeUnderflowError
 from .per_sample_control import clamp, initial_step_sizes, propose, sample_scaled_error
+from .per_sample_outputs import (
+    OutputReads,
+    dense_reads,
+    differentiable_weights,
+    host_weights,
+)
 from .solvers.explicit import ExplicitRungeKutta
 
 _MAX_NONFINITE_RETRIES = 30  # as loop.py
@@ -45,8 +60,9 @@ class SampleStats:
 class _Tableau:
     """An explicit tableau's nonzero coefficients, and its dense-output matrix as tensors.
 
-    Every coefficient the stage arithmetic multiplies by h (a_ij, b_j, e_j, c_i) is an entry of
-    `values`; the terms name their entry, so one product h · values per step serves them all.
+    Every coefficient the state arithmetic multiplies by h (a_ij, b_j, e_j) is an entry of
+    `values`; the terms name their entry, so one product h · values per step serves them all,
+    and one product h · c the stage times (c[i] = i names node c_i).
     """
 
     def __init__(self, solver: ExplicitRungeKutta, like: Tensor):
@@ -64,24 +80,44 @@ class _Tableau:
 
         self.a = [terms(row[:i]) for i, row in enumerate(tab.a)]
         self.b, self.e = terms(tab.b), terms(tab.error)
-        self.c = [len(values) + i for i in range(self.stages)]
-        values.extend(float(c) for c in tab.c)
+        self.c = list(range(self.stages))
         self.values64 = torch.tensor(values, dtype=torch.float64, device=like.device)
         self.values = self.values64.to(like.dtype)
+        self.nodes64 = torch.tensor(tab.c, dtype=torch.float64, device=like.device)
+        self.nodes = self.nodes64.to(like.dtype)
         dense = np.asarray(tab.dense, dtype=np.float64)  # (s, degree)
         self.dense64 = torch.from_numpy(dense.T.copy()).to(like.device)  # (degree, s)
         self.dense = self.dense64.to(like.dtype)
         self.dense_stages = [j for j in range(tab.stages) if dense[j].any()]
+        self.exponents = torch.arange(1, dense.shape[1] + 1, dtype=torch.float64,
+                                      device=like.device)  # θ^k, k = 1 … degree
+        # the same on the host (the loop's float64 NumPy control): dense weights of the
+        # stages that have any, (degree, stages)
+        self.values_np = np.array(values)
+        self.coefficients_np = np.concatenate([values, np.asarray(tab.c, dtype=np.float64)])
+        self.exponents_np = np.arange(1, dense.shape[1] + 1, dtype=np.float64)
+        self.dense_np = dense.T[:, self.dense_stages].copy()
 
     def scaled(self, h: Tensor, h_step: Tensor, time_grad: bool, view: tuple[int, ...]):
         """h · value for every coefficient, per sample: in float64 then rounded to y's dtype
         (as the shared loop's Python float h·a is), or, when times are differentiated, the
-        differentiable h_step · value. Returns (for the state: shape `view`, for t: (batch,))."""
+        differentiable h_step · value. Returns (for the state: shape `view`, h · c_i for the stage
+        times: (batch,))."""
         if time_grad:
-            products = self.values[:, None] * h_step[None, :]
+            state = self.values[:, None] * h_step[None, :]
+            nodes = self.nodes[:, None] * h_step[None, :]
         else:
-            products = (self.values64[:, None] * h[None, :]).to(h_step.dtype)
-        return products.reshape(len(self.values64), *view).unbind(0), products.unbind(0)
+            state = (self.values64[:, None] * h[None, :]).to(h_step.dtype)
+            nodes = (self.nodes64[:, None] * h[None, :]).to(h_step.dtype)
+        return state.reshape(len(self.values64), *view).unbind(0), nodes.unbind(0)
+
+    def host_scaled(self, h: np.ndarray, dtype: torch.dtype, view: tuple[int, ...], device):
+        """`scaled` from the host's float64 h: the products in float64 NumPy, one upload, then
+        rounded to y's dtype on its device."""
+        products = torch.from_numpy(self.coefficients_np[:, None] * h).to(
+            device, non_blocking=True).to(dtype)
+        n = len(self.values_np)
+        return products[:n].reshape(n, *view).unbind(0), products[n:].unbind(0)
 
 
 def integrate_per_sample(
@@ -120,146 +156,159 @@ def integrate_per_sample(
     )
     eps = torch.finfo(dtype).eps
     time_grad = times.requires_grad and torch.is_grad_enabled()
-    td = times.detach().double()
+    td = times.detach().double().cpu().numpy()  # the times on the host, float64
     t_start, t_end = td[:, 0], td[:, -1]
-    direction = torch.where(t_end > t_start, 1.0, -1.0)
+    direction = np.where(t_end > t_start, 1.0, -1.0)
     first_time = times[:, 0] if time_grad else times[:, 0].detach()
 
+    def upload(array: np.ndarray) -> Tensor:
+        """Host -> y's device as a non-blocking copy (safe: the host arrays it reads are never
+        written again, every update makes a new array). Not a read back from the device."""
+        return torch.from_numpy(array).to(device, non_blocking=True)
+
     k1 = f(first_time, y0)  # the first stage of the first step
-    stats.nfe += 1
+    nfe = np.ones(batch, dtype=np.int64)
     if recorder is not None:
         recorder.start(y0, k1)
     if step_size is None:
         with torch.no_grad():
             h = initial_step_sizes(f, times[:, 0].detach(), y0.detach(), k1.detach(),
-                                   direction, solver.order, rtol, atol)
-        stats.nfe += 1
+                                   upload(direction), solver.order, rtol, atol)
+        h = np.array(h.tolist(), dtype=np.float64)  # a host read before the loop
+        nfe += 1
     else:
         h = direction * abs(float(step_size))
     h = clamp(control, h)
 
-    y, t_n, offset = y0, t_start.clone(), torch.zeros_like(t_start)
-    previous = torch.ones_like(t_start)  # the controller's ε_{n−1}
-    done = torch.zeros(batch, dtype=torch.bool, device=device)
-    stale = torch.zeros_like(done)  # non-FSAL: k1 is not f(t_n, y_n) after an accepted step
-    nonfinite = zeros.clone()
-    next_output = torch.ones_like(zeros)
-    columns = torch.arange(n_times, device=device)
-    outputs = y0.unsqueeze(1).expand(batch, n_times, *y0.shape[1:])  # column 0 stays y0
+    t_n, offset = t_start.copy(), np.zeros(batch)
+    previous = np.ones(batch)  # the controller's ε_{n−1}
+    done = np.zeros(batch, dtype=bool)
+    stale = done.copy()  # non-FSAL: k1 is not f(t_n, y_n) after an accepted step
+    nonfinite = np.zeros(batch, dtype=np.int64)
+    n_steps, n_accepted, n_rejected = nonfinite.copy(), nonfinite.copy(), nonfinite.copy()
+    next_output = np.ones(batch, dtype=np.int64)
+    columns = np.arange(n_times)
+    reads = OutputReads(y0, n_times)
+    y = y0
+    t_end_abs, t_first = np.abs(t_end), times[:, 0].detach()
     need_fresh = False
     while True:
         active = ~done
         # Land on the end time when the remainder would be below the resolution of t.
         h_wanted = h
-        resolution = 8 * eps * torch.maximum(t_end.abs(), t_n.abs())
-        reach = torch.maximum(1e-12 * torch.maximum(t_end.abs(), h.abs()), resolution)
+        t_n_abs = np.abs(t_n)
+        resolution = 8 * eps * np.maximum(t_end_abs, t_n_abs)
+        reach = np.maximum(1e-12 * np.maximum(t_end_abs, np.abs(h)), resolution)
         lands = active & (direction * (t_n + h - t_end) >= -reach)
-        h = torch.where(lands, t_end - t_n, torch.where(active, h, 0.0))
-        underflow = active & (h.abs() <= 4 * eps * t_n.abs().clamp(min=1e-300))
+        h = np.where(lands, t_end - t_n, np.where(active, h, 0.0))
+        underflow = active & (np.abs(h) <= 4 * eps * np.maximum(t_n_abs, 1e-300))
 
+        offset_step = upload(offset).to(dtype)
         if time_grad:
-            t_step = times[:, 0] + offset.to(dtype)
-            h_step = torch.where(lands, times[:, -1] - t_step, h.to(dtype))
+            t_step = times[:, 0] + offset_step
+            h_step = torch.where(upload(lands), times[:, -1] - t_step, upload(h).to(dtype))
         else:
-            t_step = times[:, 0].detach() + offset.to(dtype)
-            h_step = h.to(dtype)
+            t_step, h_step = t_first + offset_step, None
         if need_fresh:
-            k1 = torch.where(col(stale), f(t_step, y), k1)
-            stats.nfe += active & stale
-        scaled = tab.scaled(h, h_step, time_grad, view)
+            k1 = torch.where(col(upload(stale)), f(t_step, y), k1)
+            nfe += active & stale
+        scaled = tab.host_scaled(h, dtype, view, device) if h_step is None else tab.scaled(
+            None, h_step, True, view)
         ks, y_stage = _stages(f, tab, t_step, scaled, y, k1)
-        stats.nfe += active.long() * (tab.stages - 1)
+        nfe += active * (tab.stages - 1)
         y_next = y_stage if tab.fsal else _combine(y, tab.b, ks, scaled[0])
         error = _combine(None, tab.e, ks, scaled[0])
         ratio = sample_scaled_error(error.detach(), y.detach(), y_next.detach(), rtol, atol)
-
-        finite = torch.isfinite(ratio)
-        retried = nonfinite  # non-finite attempts before this one (names an underflow's cause)
-        nonfinite = torch.where(active & ~finite, nonfinite + 1,
-                                torch.where(active, 0, nonfinite))
         first_finite = torch.isfinite(k1.detach()).reshape(batch, -1).all(dim=1)
-        fatal = active & ~finite & ((nonfinite > _MAX_NONFINITE_RETRIES) | ~first_finite)
-        forced = torch.minimum(h.abs(), h_wanted.abs()) <= control.min_step
-        if control.min_step == 0:  # StepControl.forces_acceptance: only with min_step > 0
-            forced = torch.zeros_like(forced)
-        accepted = active & finite & ((ratio <= 1.0) | forced)
-        safe_ratio = torch.where(finite, ratio, 1.0)
-        h_proposed, previous_next = propose(controller, h, safe_ratio, accepted, previous)
-        h_next = clamp(control, torch.where(finite, h_proposed, h * controller.min_factor))
-        previous = torch.where(active, previous_next, previous)
+        ratio, first_finite = np.array(  # the one host synchronisation of the step
+            torch.stack([ratio, first_finite.double()]).tolist(), dtype=np.float64)
+        first_finite = first_finite > 0
 
-        t_next = torch.where(lands, t_end, t_n + h)
-        tol = 1e-12 * torch.maximum(t_next.abs(), h.abs())
+        with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+            finite = np.isfinite(ratio)
+            retried = nonfinite  # non-finite attempts before this one (names an underflow's cause)
+            nonfinite = np.where(active & ~finite, nonfinite + 1, np.where(active, 0, nonfinite))
+            fatal = active & ~finite & ((nonfinite > _MAX_NONFINITE_RETRIES) | ~first_finite)
+            forced = np.minimum(np.abs(h), np.abs(h_wanted)) <= control.min_step
+            if control.min_step == 0:  # StepControl.forces_acceptance: only with min_step > 0
+                forced = np.zeros_like(forced)
+            accepted = active & finite & ((ratio <= 1.0) | forced)
+            safe_ratio = np.where(finite, ratio, 1.0)
+            h_proposed, previous_next = propose(controller, h, safe_ratio, accepted, previous)
+            h_next = clamp(control, np.where(finite, h_proposed, h * controller.min_factor))
+        previous = np.where(active, previous_next, previous)
+
+        t_next = np.where(lands, t_end, t_n + h)
+        tol = 1e-12 * np.maximum(np.abs(t_next), np.abs(h))
         passed = ((columns >= next_output[:, None]) & accepted[:, None]
                   & (direction[:, None] * (td - t_next[:, None]) <= tol[:, None]))
         done_next = done | (accepted & lands)
-        n_steps = stats.n_steps + active
+        n_steps = n_steps + active
         over = ~done_next & (n_steps >= max_steps)
         failed = underflow | fatal | over
-        stale_next = stale if tab.fsal else torch.where(active, accepted, stale)
+        stale_next = stale if tab.fsal else np.where(active, accepted, stale)
         trial_nonfinite = active & ~finite
-        flags = torch.stack([
-            done_next.all().long(), passed.sum(dim=1).max(), failed.any().long(),
-            (stale_next & ~done_next).any().long(), trial_nonfinite.any().long(),
-            accepted.sum(),
-        ])
-        (all_done, n_passed, any_failed, any_stale, any_nonfinite,
-         n_accepted) = flags.tolist()  # the one sync
-        if any_failed:
-            _raise_first(underflow, fatal, over, retried, t_n, h, max_steps)
-        if any_nonfinite and torch.is_grad_enabled():
+        if failed.any():
+            _raise_first(*(torch.from_numpy(a) for a in (underflow, fatal, over, retried, t_n,
+                                                         h)), max_steps)
+        if trial_nonfinite.any() and torch.is_grad_enabled():
             # Redo the step with h = 0 for the samples whose attempt overflowed (rejected):
             # their inf/nan would otherwise turn the zero gradient of the discarded branch
             # into nan (0 · inf) through f's derivative. The other samples get the same values.
-            h = torch.where(trial_nonfinite, 0.0, h)
-            h_step = torch.where(trial_nonfinite, 0.0, h_step)
-            scaled = tab.scaled(h, h_step, time_grad, view)
+            h = np.where(trial_nonfinite, 0.0, h)
+            if h_step is None:
+                scaled = tab.host_scaled(h, dtype, view, device)
+            else:
+                h_step = torch.where(upload(trial_nonfinite), 0.0, h_step)
+                scaled = tab.scaled(None, h_step, True, view)
             ks, y_stage = _stages(f, tab, t_step, scaled, y, k1)
             y_next = y_stage if tab.fsal else _combine(y, tab.b, ks, scaled[0])
 
         y_old, t_old = y, t_n
-        y = torch.where(col(accepted), y_next, y)
-        if tab.fsal:
-            k1 = torch.where(col(accepted), ks[-1], k1)
+        if accepted.all():  # no masking needed (and none to differentiate)
+            y, k1 = y_next, ks[-1] if tab.fsal else k1
+        else:
+            kept = col(upload(accepted))
+            y = torch.where(kept, y_next, y)
+            if tab.fsal:
+                k1 = torch.where(kept, ks[-1], k1)
         if recorder is not None:
-            recorder.step(t_n, offset, h, lands, accepted, trial_nonfinite, stale, need_fresh,
-                          y, k1, n_accepted)
-        offset = torch.where(accepted, offset + h, offset)
-        t_n = torch.where(accepted, t_next, t_n)
+            recorder.step(*(torch.tensor(a, device=device) for a in (
+                t_n, offset, h, lands, accepted, trial_nonfinite, stale)), need_fresh,
+                y, k1, int(accepted.sum()))
+        offset = np.where(accepted, offset + h, offset)
+        t_n = np.where(accepted, t_next, t_n)
         done, stale = done_next, stale_next
-        stats.n_steps = n_steps
-        stats.n_accepted = stats.n_accepted + accepted
-        stats.n_rejected = stats.n_rejected + (active & ~accepted)
+        n_accepted = n_accepted + accepted
+        n_rejected = n_rejected + (active & ~accepted)
         stats.iterations += 1
-        need_fresh = not tab.fsal and bool(any_stale)
+        need_fresh = not tab.fsal and bool((stale_next & ~done_next).any())
 
-        for _ in range(n_passed):  # outputs inside (t_n, t_{n+1}], one per sample per pass
-            index = next_output.clamp(max=n_times - 1)
-            t_out = td.gather(1, index[:, None]).squeeze(1)
-            emit = accepted & (next_output < n_times) & (direction * (t_out - t_next) <= tol)
+        counts = passed.sum(axis=1)  # the outputs inside (t_n, t_{n+1}], all read at once
+        width = int(counts.max())
+        if width:
+            index, emit = reads.slots(next_output, counts, width)
             if time_grad:
-                theta = (times.gather(1, index[:, None]).squeeze(1) - t_step) / torch.where(
-                    emit, h_step, 1.0)
-                weights = _powers(torch.where(emit, theta, 0.0), tab.dense.shape[0]) @ tab.dense
-                coefficients = h_step[:, None] * weights
+                weights = differentiable_weights(tab, upload(index), upload(emit), times,
+                                                 t_step, h_step)
             else:
-                theta = (t_out - t_old) / torch.where(emit, h, 1.0)
-                weights = _powers(torch.where(emit, theta, 0.0), tab.dense.shape[0]) @ tab.dense64
-                coefficients = (h[:, None] * weights).to(dtype)
-            value = y_old
-            for j in tab.dense_stages:
-                value = torch.addcmul(value, col(coefficients[:, j]), ks[j])
-            value = torch.where(col(lands & (index == n_times - 1)), y_next, value)
-            slot = (columns[None, :] == index[:, None]) & emit[:, None]
-            outputs = torch.where(slot.reshape(batch, n_times, *view[1:]), value.unsqueeze(1),
-                                  outputs)
-            next_output = next_output + emit
+                weights = upload(host_weights(tab, index, emit, td, t_old, h)).to(dtype)
+            values = dense_reads(tab, weights, y_old, ks)
+            last = emit & lands[:, None] & (index == n_times - 1)
+            if last.any():
+                values = torch.where(upload(last).reshape(*last.shape, *view[1:]),
+                                     y_next.unsqueeze(1), values)
+            reads.add(values, index, emit)
+            next_output = next_output + counts
             if recorder is not None:
-                recorder.emit(index, emit)
-        if all_done:
+                for p in range(width):
+                    recorder.emit(upload(index[:, p].copy()), upload(emit[:, p].copy()))
+        if done.all():
             break
-        h = torch.where(active, h_next, h)
-    return outputs.movedim(1, 0)
+        h = np.where(active, h_next, h)
+    stats.n_steps, stats.n_accepted, stats.n_rejected, stats.nfe = (
+        upload(a) for a in (n_steps, n_accepted, n_rejected, nfe))
+    return reads.assemble()
 
 
 def _powers(theta: Tensor, degree: int) -> Tensor:

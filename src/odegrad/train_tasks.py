@@ -167,6 +167,11 @@ class CNFTask(Task):
                                  "up to 8 dimensions)")
         parser.add_argument("--grid", type=int_at_least(2), default=120,
                             help="points per axis of the density plot")
+        parser.add_argument("--per-sample", action="store_true",
+                            help="solve each point with its own adaptive steps (one "
+                                 "per_sample=True solve): each log-density meets the tolerance "
+                                 "on its own, and the batch does not step at the pace of its "
+                                 "hardest point")
 
     def load(self) -> TensorDataset:
         from .data import sample_toy
@@ -178,7 +183,8 @@ class CNFTask(Task):
         return TensorDataset(self.x_train)
 
     def build(self) -> nn.Module:
-        return CNF(2, hidden=self.args.hidden, trace=self.args.trace, **self.solver())
+        return CNF(2, hidden=self.args.hidden, trace=self.args.trace,
+                   per_sample=self.args.per_sample, **self.solver())
 
     def loss(self, model, batch):
         (x,) = batch
@@ -263,6 +269,12 @@ class LatentTask(Task):
                                  "stays on the shared grid")
         parser.add_argument("--keep", type=fraction, default=0.5,
                             help="fraction of grid points each series keeps (irregular sampling)")
+        parser.add_argument("--times", choices=("grid", "continuous"), default="grid",
+                            help="spirals: observed on the shared grid, or each series at its "
+                                 "own sorted random times in the observation window (the "
+                                 "horizon stays on the grid; --keep still masks the slots): "
+                                 "the padded decoder then solves on the union of the batch's "
+                                 "observed times, --per-sample on each series' own")
         parser.add_argument("--window", type=positive_int, default=None,
                             help="statsmodels series: samples per window (None: 24)")
         parser.add_argument("--time-step", type=positive_float, default=None,
@@ -275,8 +287,11 @@ class LatentTask(Task):
         from .data import load_statsmodels_series, make_spirals
 
         a = self.args
+        if a.times == "continuous" and (a.dataset != "spirals" or a.encoder != "gru"):
+            raise ValueError("--times continuous needs --dataset spirals and --encoder gru "
+                             "(the ODE-RNN encoder steps on a shared grid)")
         if a.dataset == "spirals":
-            self.split = make_spirals(keep=a.keep)
+            self.split = make_spirals(keep=a.keep, times=a.times)
         else:
             options = {k: v for k, v in (("window", a.window), ("time_step", a.time_step))
                        if v is not None}
@@ -284,6 +299,8 @@ class LatentTask(Task):
                                                  normalise=a.normalise, **options)
         train = self.split.train
         self.t = train.t.to(self.device)
+        if train.times is not None:  # each series' own times travel with its batch
+            return TensorDataset(train.values, train.mask, train.encoder_mask(), train.times)
         return TensorDataset(train.values, train.mask, train.encoder_mask())
 
     def build(self) -> nn.Module:
@@ -292,8 +309,9 @@ class LatentTask(Task):
                          encoder=a.encoder, **self.solver())
 
     def loss(self, model, batch):
-        values, mask, encoder_mask = batch
-        loss = model(self.t, values, mask, encoder_mask, per_sample=self.args.per_sample)
+        values, mask, encoder_mask, *times = batch
+        t = times[0] if times else self.t
+        loss = model(t, values, mask, encoder_mask, per_sample=self.args.per_sample)
         return loss, {"loss": loss.detach() * len(values), "count": len(values)}
 
     @torch.no_grad()
@@ -303,10 +321,12 @@ class LatentTask(Task):
         values = test.values[part].to(self.device)
         mask = test.mask[part].to(self.device)
         encoder_mask = test.encoder_mask()[part].to(self.device)
+        # continuous times: each series' own slots, decoded on the union of the split's times
+        t = self.t if test.times is None else test.times[part].to(self.device)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            loss = float(model(self.t, values, mask, encoder_mask)) * len(values)
-        predicted = model.predict(self.t, values, encoder_mask)
+            loss = float(model(t, values, mask, encoder_mask)) * len(values)
+        predicted = model.predict(t, values, encoder_mask)
         error = (predicted - values).pow(2).mean(-1)
         error_original = (test.original(predicted, part) - test.original(values, part)).pow(2)
         error_original = error_original.mean(-1)
@@ -339,8 +359,9 @@ class LatentTask(Task):
         shown = torch.linspace(0, len(test) - 1, 4).long()
         values = test.values[shown].to(self.device)
         encoder_mask = test.encoder_mask()[shown].to(self.device)
+        t = self.t if test.times is None else test.times[shown].to(self.device)
         with torch.no_grad():
-            predicted = model.predict(self.t, values, encoder_mask).cpu()
+            predicted = model.predict(t, values, encoder_mask).cpu()
         values, encoder_mask, t = values.cpu(), encoder_mask.cpu().bool(), test.t
         k = test.n_observed
         figure = _figure(1, 4, (18, 4.5))

@@ -3,7 +3,10 @@
 Every dataset is a set of windows on a common time grid `t`. Each window keeps a random subset
 of its grid points (`mask`), so series are sampled irregularly and differently from each other.
 The first `n_observed` grid times form the observation window (what an encoder may see); the
-rest is the extrapolation horizon.
+rest is the extrapolation horizon. Spirals with `times="continuous"` are observed at their own
+times instead: slot 0 at t_0, slots 1 … n_observed − 1 at sorted uniform random times in the
+observation window [t_0, t[n_observed − 1]] (`Series.times`, (N, T)); the horizon slots stay
+on the grid, and `keep` still masks the slots.
 """
 
 from __future__ import annotations
@@ -15,9 +18,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["Series", "SeriesSplit", "make_spirals", "load_statsmodels_series", "SERIES"]
+__all__ = ["Series", "SeriesSplit", "make_spirals", "load_statsmodels_series", "SERIES",
+           "TIMES"]
 
 SERIES = ("spirals", "sunspots", "co2")
+TIMES = ("grid", "continuous")  # where the series are observed: the shared grid or own times
 
 
 @dataclass
@@ -26,6 +31,8 @@ class Series:
 
     `values` may be normalised: `original(values)` = values · scale + offset undoes it, with
     `offset` and `scale` of shape (N, 1, D) (None: the values are in original units).
+    `times` (N, T): each series' own time of each slot (ascending, slot 0 at t_0), where the
+    series are observed off the grid; None: every series is observed on the grid t.
     """
 
     t: Tensor
@@ -34,6 +41,7 @@ class Series:
     n_observed: int
     offset: Tensor | None = None
     scale: Tensor | None = None
+    times: Tensor | None = None
 
     def original(self, values: Tensor, index: Tensor | slice = slice(None)) -> Tensor:
         """`values` of the series `index` (predictions too) back in the data's own units."""
@@ -47,6 +55,12 @@ class Series:
     @property
     def dim(self) -> int:
         return self.values.shape[-1]
+
+    def series_times(self) -> Tensor:
+        """Each series' time of each slot, (N, T): `times`, or the grid t for every series."""
+        if self.times is not None:
+            return self.times
+        return self.t.expand(len(self), -1)
 
     def encoder_mask(self) -> Tensor:
         """The observations an encoder may read: the masked points of the observation window."""
@@ -77,29 +91,58 @@ def _irregular_mask(n: int, length: int, keep: float, g: torch.Generator) -> Ten
 def make_spirals(
     n_train: int = 400, n_test: int = 100, length: int = 100, t_max: float = 6.0,
     observed_fraction: float = 0.6, keep: float = 0.5, noise: float = 0.05, seed: int = 0,
+    times: str = "grid",
 ) -> SeriesSplit:
     """Archimedean spirals r(t) = r_0 + 0.3 t, angle φ ± 1.5 t, clockwise or counter-clockwise.
 
     Start radius r_0 ~ U(0.5, 1.5) and phase φ ~ U(0, 2π) vary per series; Gaussian noise of std
-    `noise` is added to the observations.
+    `noise` is added to the observations. `times="continuous"`: each series is observed at its
+    own sorted random times in the observation window (see the module docstring); the draws
+    of "grid" come first and are unchanged, so both share r_0, φ, the noise and the mask.
     """
+    if times not in TIMES:
+        raise ValueError(f"times must be one of {', '.join(TIMES)}, got {times!r}")
     g = torch.Generator().manual_seed(seed)
     n = n_train + n_test
     t = torch.linspace(0.0, t_max, length)
     r0 = 0.5 + torch.rand(n, 1, generator=g)
     phase = 2 * math.pi * torch.rand(n, 1, generator=g)
     direction = torch.where(torch.rand(n, 1, generator=g) < 0.5, -1.0, 1.0)
-    radius = r0 + 0.3 * t
-    angle = phase + direction * 1.5 * t
-    values = torch.stack([radius * torch.cos(angle), radius * torch.sin(angle)], -1)
-    values = values + noise * torch.randn(values.shape, generator=g)
+    noise_draw = noise * torch.randn(n, length, 2, generator=g)
     mask = _irregular_mask(n, length, keep, g)
     n_observed = max(2, int(round(observed_fraction * length)))
-    return SeriesSplit(
-        train=Series(t, values[:n_train], mask[:n_train], n_observed),
-        test=Series(t, values[n_train:], mask[n_train:], n_observed),
-        name="spirals",
-    )
+    own = None
+    if times == "continuous":
+        own = _continuous_times(t, n, n_observed, g)
+    radius = r0 + 0.3 * (t if own is None else own)
+    angle = phase + direction * 1.5 * (t if own is None else own)
+    values = torch.stack([radius * torch.cos(angle), radius * torch.sin(angle)], -1)
+    values = values + noise_draw
+
+    def part(rows: slice) -> Series:
+        return Series(t, values[rows], mask[rows], n_observed,
+                      times=None if own is None else own[rows])
+
+    return SeriesSplit(train=part(slice(n_train)), test=part(slice(n_train, n)), name="spirals")
+
+
+def _continuous_times(t: Tensor, n: int, n_observed: int, g: torch.Generator) -> Tensor:
+    """(n, len(t)): slot 0 at t_0, slots 1 … n_observed − 1 sorted U(t_0, t[n_observed − 1])
+    (drawn in float64, then nudged up by an ulp where float32 rounding made two equal, so each
+    row is strictly increasing), the horizon slots on the grid."""
+    start, end = float(t[0]), float(t[n_observed - 1])
+    draws = start + (end - start) * torch.rand(n, n_observed - 1, generator=g,
+                                               dtype=torch.float64)
+    window = torch.cat([torch.full((n, 1), start, dtype=torch.float64),
+                        draws.sort(dim=1).values], 1).to(t.dtype)
+    for j in range(1, n_observed):
+        window[:, j] = torch.maximum(window[:, j], torch.nextafter(window[:, j - 1],
+                                                                   torch.tensor(math.inf)))
+    horizon = t[n_observed:].expand(n, -1)
+    own = torch.cat([window, horizon], 1)
+    if not bool((own.diff(dim=1) > 0).all()):  # only if the window's last draws hit t[n_observed]
+        raise ValueError("continuous times: a series' times are not strictly increasing")
+    return own
 
 
 def _raw_series(name: str) -> tuple[np.ndarray, str]:

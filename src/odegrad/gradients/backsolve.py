@@ -45,6 +45,12 @@ __all__ = ["solve", "check", "OPTIONS"]
 def solve(problem: Problem, **options) -> Tensor:
     """The outputs y(t_i), stacked; differentiable w.r.t. y0, t and problem.params."""
     settings = adjoint_settings(problem, **options)
+    from ..compiled import CompiledRungeKutta
+
+    if isinstance(problem.solver, CompiledRungeKutta):  # compile=True
+        from ..compiled_adjoint import compiled_settings
+
+        settings = compiled_settings(problem, settings)
     for key in ("n_steps_backward", "n_accepted_backward", "n_rejected_backward"):
         problem.stats.setdefault(key, 0)
     return _Backsolve.apply(problem, settings, problem.y0, problem.t, *problem.params)

@@ -9,6 +9,14 @@ computed by solving the augmented state (z, ℓ) with dℓ/dt = tr(∂f/∂z), �
 exact (one VJP per dimension) for small dimensions and Hutchinson's unbiased estimate
 ε^T (∂f/∂z) ε otherwise, with ε drawn once per solve and held fixed through it (so the
 augmented field is one deterministic function that every gradient method can replay).
+
+`per_sample=True` solves the batch with `odegrad.solve(..., per_sample=True)`: every sample
+its own adaptive steps, so each sample's (z, ℓ), its log-density included, meets rtol/atol on
+its own (the error norm is each sample's RMS, not the batch's) and the batch does not step at
+the pace of its stiffest member. The augmented field is batch-independent: the field sees t of
+shape (N,) (one time per sample, ConcatSquashLinear), the exact trace sums each row's own
+diagonal, and Hutchinson's ε is one row per sample, fixed through the solve, so sample b's
+estimate ε_b^T (∂f/∂z)_b ε_b is what its lone solve with ε_b computes.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from ..errors import InvalidInputError, UnsupportedCombinationError
 from .odeblock import ODEBlock
 
 TRACES = ("auto", "exact", "hutchinson")
@@ -35,7 +44,7 @@ class ConcatSquashLinear(nn.Module):
         self.shift = nn.Linear(1, out_features, bias=False)
 
     def forward(self, t: Tensor, x: Tensor) -> Tensor:
-        time = t.to(x.dtype).reshape(1, 1)
+        time = t.to(x.dtype).reshape(-1, 1)  # a scalar t, or one time per row (per_sample)
         return self.linear(x) * torch.sigmoid(self.gate(time)) + self.shift(time)
 
 
@@ -117,12 +126,15 @@ class CNF(nn.Module):
 
     `solver` holds the ODEBlock keywords (method, gradient, rtol, atol, step_size, ...).
     `trace`: "exact", "hutchinson" or "auto" (exact up to EXACT_TRACE_MAX_DIM dimensions).
-    `field`: a velocity field f(t, z) to use instead of the concat-squash network.
+    `field`: a velocity field f(t, z) to use instead of the concat-squash network (with
+    `per_sample`, it gets t of shape (N,) and must treat the rows independently).
+    `per_sample`: each sample solved with its own adaptive steps (module docstring).
     """
 
     def __init__(
         self, dim: int, hidden: Sequence[int] = (64, 64, 64), activation: str = "tanh",
-        trace: str = "auto", t_end: float = 1.0, field: nn.Module | None = None, **solver,
+        trace: str = "auto", t_end: float = 1.0, field: nn.Module | None = None,
+        per_sample: bool = False, **solver,
     ):
         super().__init__()
         if trace not in TRACES:
@@ -132,12 +144,23 @@ class CNF(nn.Module):
         self.dim = dim
         self.field = field if field is not None else CNFField(dim, hidden, activation)
         self.dynamics = AugmentedDynamics(self.field, trace)
+        if per_sample:
+            solver["per_sample"] = True
         self.block = ODEBlock(self.dynamics, (0.0, t_end), **solver)
 
-    def log_prob(self, x: Tensor) -> Tensor:
-        """log p(x) for each row of x (N, d), by the augmented solve from 0 to T."""
+    def log_prob(self, x: Tensor, noise: Tensor | None = None) -> Tensor:
+        """log p(x) for each row of x (N, d), by the augmented solve from 0 to T. `noise`:
+        Hutchinson's ε (N, d) (default: Rademacher, drawn here), one row per sample."""
         if self.dynamics.trace == "hutchinson":
-            self.dynamics.noise = torch.randint(0, 2, x.shape, device=x.device).to(x.dtype) * 2 - 1
+            if noise is None:
+                noise = torch.randint(0, 2, x.shape, device=x.device).to(x.dtype) * 2 - 1
+            elif noise.shape != x.shape:
+                raise InvalidInputError(
+                    f"noise has shape {tuple(noise.shape)}; it must have x's {tuple(x.shape)}")
+            self.dynamics.noise = noise
+        elif noise is not None:
+            raise UnsupportedCombinationError(
+                "noise= is Hutchinson's ε, but this CNF uses the exact trace")
         state = torch.cat([x, x.new_zeros(x.shape[0], 1)], -1)
         end = self.block(state)
         z, trace_integral = end[:, :-1], end[:, -1]

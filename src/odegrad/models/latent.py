@@ -11,6 +11,10 @@ fixed noise. Training maximises the ELBO
 with the KL in closed form and one reparameterised sample. With `per_sample=True` the decoder
 solve reads each series at its own observation times (`odegrad.solve(..., per_sample=True)`, t of
 shape (N, n)) instead of at the union of all the batch's times (the shared grid).
+
+Series observed at their own times (t of shape (N, T), each row ascending from a common t_0):
+the GRU encoder reads each series' own gaps, and the decoder solves once on the union of the
+batch's observed times (`decode_union`), or with `per_sample=True` at each series' own times.
 """
 
 from __future__ import annotations
@@ -41,16 +45,17 @@ class GRUEncoder(nn.Module):
         self.out = nn.Linear(hidden, 2 * latent_dim)
 
     def forward(self, t: Tensor, values: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-        """(μ, log σ²) of q(z_0 | observations) from values (N, T, D) and mask (N, T)."""
+        """(μ, log σ²) of q(z_0 | observations) from values (N, T, D) and mask (N, T); t is
+        the shared grid (T,) or each series' own times (N, T)."""
         n, length, _ = values.shape
         h = values.new_zeros(n, self.cell.hidden_size)
-        last_time = t[-1].expand(n)
+        last_time = t[..., -1].expand(n)
         for j in range(length - 1, -1, -1):
             m = mask[:, j:j + 1]
-            gap = (last_time - t[j]).unsqueeze(-1)
+            gap = (last_time - t[..., j]).unsqueeze(-1)
             update = self.cell(torch.cat([values[:, j] * m, m, gap], -1), h)
             h = m * update + (1 - m) * h
-            last_time = torch.where(m[:, 0] > 0, t[j], last_time)
+            last_time = torch.where(m[:, 0] > 0, t[..., j], last_time)
         mean, log_var = self.out(h).chunk(2, -1)
         return mean, log_var
 
@@ -93,6 +98,9 @@ class ODERNNEncoder(nn.Module):
 
     def forward(self, t: Tensor, values: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         """(μ, log σ²) of q(z_0 | observations) from values (N, T, D) and mask (N, T)."""
+        if t.dim() != 1:
+            raise ValueError("the ODE-RNN encoder needs a shared time grid t (T,), not each "
+                             "series' own times; use the GRU encoder")
         n, length, _ = values.shape
         h = values.new_zeros(n, self.cell.hidden_size)
         self.gap_stats = []
@@ -177,10 +185,22 @@ class LatentODE(nn.Module):
         block.stats = solution.stats
         return self.decoder(solution.ys).transpose(0, 1)
 
+    def decode_union(self, z0: Tensor, times: Tensor, mask: Tensor | None = None) -> Tensor:
+        """The decoded mean at each series' own times (N, T): one solve for the batch on the
+        union of the times of the slots `mask` marks (all if None) and t_0, read back per
+        slot; (N, T, D). Unmarked slots read a neighbouring union time (give them weight 0)."""
+        chosen = times if mask is None else times[(mask > 0) | (torch.arange(
+            times.shape[1], device=times.device) == 0)]
+        union = torch.unique(chosen.reshape(-1))  # sorted
+        position = torch.searchsorted(union, times.contiguous()).clamp_max(len(union) - 1)
+        decoded = self.decode(z0, union)  # (N, U, D)
+        return decoded.gather(1, position.unsqueeze(-1).expand(-1, -1, decoded.shape[-1]))
+
     def predict(self, t: Tensor, values: Tensor, encoder_mask: Tensor) -> Tensor:
-        """The reconstruction/extrapolation from the posterior mean of z_0: (N, T, D)."""
+        """The reconstruction/extrapolation from the posterior mean of z_0: (N, T, D); t the
+        grid (T,) or each series' own times (N, T)."""
         mean, _ = self.encoder(t, values, encoder_mask)
-        return self.decode(mean, t)
+        return self.decode(mean, t) if t.dim() == 1 else self.decode_union(mean, t)
 
     def forward(self, t: Tensor, values: Tensor, mask: Tensor, encoder_mask: Tensor,
                 per_sample: bool = False) -> Tensor:
@@ -188,18 +208,22 @@ class LatentODE(nn.Module):
 
         The encoder reads `encoder_mask` (the observation window); the likelihood counts every
         observed value in `mask`, extrapolation horizon included. per_sample=True decodes each
-        series at its own observed times only (`own_times`), not on the whole grid.
+        series at its own observed times only (`own_times`), not on the whole grid. t: the
+        shared grid (T,), or each series' own times (N, T), decoded without per_sample on the
+        union of the batch's observed times.
         """
         length = values.shape[1]
         mean, log_var = self.encoder(t, values, encoder_mask)
         z0 = mean + torch.exp(0.5 * log_var) * torch.randn_like(mean)
         if per_sample:
             index = own_times(mask)
-            predicted = self.decode_per_sample(z0, t[index])
+            predicted = self.decode_per_sample(z0, t[index] if t.dim() == 1 else t.gather(1, index))
             values = values.gather(1, index.unsqueeze(-1).expand(-1, -1, values.shape[-1]))
             mask = mask.gather(1, index)
-        else:
+        elif t.dim() == 1:
             predicted = self.decode(z0, t)
+        else:
+            predicted = self.decode_union(z0, t, mask)
         residual = (values - predicted) / self.obs_std
         log_lik = -0.5 * residual.pow(2) - math.log(self.obs_std) - 0.5 * math.log(2 * math.pi)
         log_lik = (log_lik * mask.unsqueeze(-1)).sum((1, 2))
