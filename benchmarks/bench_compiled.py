@@ -1,24 +1,55 @@
-"""compile=True against eager odegrad and the peers on issue 16's overhead-bound problem P1.
+"""compile=True against eager odegrad and the peers (issue 16), on one of three problems:
 
-P1: f(t, y) = W₂ tanh(W₁ [y, t] + b₁) + b₂ (state 2, hidden 32, t as an input), batch 16,
-rk4 with 100 fixed steps on [0, 1], forward + backward of Σ y(1)², float32, one thread.
-Implementations, in interleaved rounds (median of --rounds, wall and CPU time: the machine is
-shared, and CPU time is what other jobs disturb least):
+  p1       (default) the overhead-bound P1: f(t, y) = W₂ tanh(W₁ [y, t] + b₁) + b₂ (state 2,
+           hidden 32, t as an input), batch 16, rk4 with 100 fixed steps on [0, 1], loss
+           Σ y(1)², float32
+  default  `odegrad compare`'s default: its MLP 32-128-128-32 (two tanh layers, t as an input),
+           batch 256, float64, dopri5 adaptive at rtol = atol = 1e-6, loss Σ w·y(1)
+  conv     compare's conv block (16 channels, 16x16, batch 16, two 3x3 convolutions, t as a
+           channel) with rk4, 10 fixed steps, float64, loss Σ w·y(1)
 
-  odegrad direct / discrete(all), eager and compile=True (blocks of odegrad.compiled.BLOCK
-      steps, --block to change it), and compile=True with single steps (BLOCK = 1: the first
-      slice), all in the same rounds
-  odegrad discrete(all) with the reverse sweep of git revision --before (the eager sweep
-      before issue 16's slimming: its discrete_sweep.py and checkpoint_store.py swapped in)
-  torchdiffeq odeint / odeint_adjoint (rk4, step_size 0.01)
-  a hand-written eager rk4 loop under autograd
-  diffrax with the rk4 tableau (RecursiveCheckpointAdjoint) under jax.jit, if installed
+Rows, forward + backward, in interleaved rounds (median of --rounds, wall and CPU time: the
+machine is shared, and CPU time is what other jobs disturb least):
 
-Compile times: each in a fresh subprocess with inductor's caches off
+  odegrad eager and compile=True for each configuration of CONFIGS: direct, discrete
+      (checkpoints "all"), reversible with alf, with reversible_<the problem's method> and
+      with reversible_heun (diffrax's ReversibleHeun's scheme), backsolve. A compiled row that
+      odegrad does not serve yet is listed as "unsupported" with the first line of its
+      UnsupportedCombinationError, so rows join as odegrad serves them. For direct and discrete
+      on fixed steps also compile=True with single steps (odegrad.compiled.BLOCK = 1).
+  odegrad discrete eager with the reverse sweep of git revision --before (P1's history)
+  a hand-written eager rk4 loop (fixed-step rk4 problems)
+  torchdiffeq odeint / odeint_adjoint (rk4 is torchdiffeq's 3/8 rule: odegrad's rk4_38)
+  torchode AutoDiffAdjoint (rk4 tableau / dopri5), eager and compiled: torch.compile(solver) as
+      its README writes it compiles only the module's forward, which solve() does not call, so
+      the compiled row compiles the bound method torch.compile(solver.solve)
+  diffrax under jax.jit: RecursiveCheckpointAdjoint (the rk4 tableau / Dopri5), ReversibleHeun
+      with BacksolveAdjoint (diffrax 0.7 has no discrete reversible adjoint: the state is
+      reconstructed exactly, but the adjoint is the continuous one, so its gradient is off
+      the scheme's by the step's error; odegrad's reversible_heun row is the same scheme) and
+      BacksolveAdjoint
+
+Gradient errors, ‖g − g_ref‖/‖g_ref‖ over (y0, parameters): `ode` against direct through dopri8
+at rtol = atol = 1e-12 in float64 (as `odegrad compare`); `scheme` (fixed steps) against
+float64 direct through the row's own scheme; `vs eager` for each compiled odegrad row against
+its eager row in the same run; and, for float32 problems, gradient_error_float64: compiled vs
+eager in float64 per served configuration (the 1e-12 acceptance of issue 16; it compiles
+every served configuration once more, --no-float64-check skips it).
+
+Compile times: each compiled configuration in a fresh subprocess with inductor's caches off
 (TORCHINDUCTOR_FORCE_DISABLE_CACHES=1): the first call (compilation + one solve) minus a later
-call, for compiled direct and discrete at N = 100 and N = 1000 steps.
+call; direct and discrete also at 10x the steps (compile time must not grow with N). The peers'
+compile times are their first call, in this process (first_call_s; for odegrad's compiled rows
+that first call may reuse graphs an earlier row compiled, so it is no compile time).
+
+Peak memory (--memory): odegrad.compare.peak_memory of one call after the warm-up, in this
+process (CPU: the resident-set high-water mark with glibc mmapping every block of 64 KiB or
+more, as `odegrad compare` measures; CUDA: max_memory_allocated). In-process, so the CPU figures
+are rougher than compare's one-process-per-row ones. --device cuda runs the torch rows on the
+GPU (compiled rows use what odegrad's compile=True does there); diffrax stays on JAX's CPU.
 
     flock /tmp/odegrad-bench.lock python benchmarks/bench_compiled.py --before 249d914
+    flock /tmp/odegrad-bench.lock python benchmarks/bench_compiled.py --problem default --memory
 """
 
 from __future__ import annotations
@@ -33,24 +64,37 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false "
                       "intra_op_parallelism_threads=1")
 
 import torch  # noqa: E402
-from torch import nn  # noqa: E402
+from torch import Tensor, nn  # noqa: E402
 
 import odegrad  # noqa: E402
+from bench_compiled_peers import diffrax_case, torch_flat, torchode_case  # noqa: E402
 from odegrad import compiled  # noqa: E402
+from odegrad.compare import Config, build, peak_memory, resolve  # noqa: E402
+from odegrad.compiled import CompilationError  # noqa: E402
+from odegrad.errors import UnsupportedCombinationError  # noqa: E402
+from odegrad.peers import PEERS, Integration  # noqa: E402
+from odegrad.solvers import make_solver  # noqa: E402
 
 compiled.BLOCK = int(os.environ.get("ODEGRAD_BENCH_BLOCK", compiled.BLOCK))
 
-BATCH, HIDDEN, STEPS = 16, 32, 100
+BATCH, HIDDEN, STEPS = 16, 32, 100  # P1
+PROBLEMS = ("p1", "default", "conv")
+REFERENCE_METHOD, REFERENCE_TOL = "dopri8", 1e-12
+
+
+# ---- the problems -----------------------------------------------------------------------------
 
 
 class Field(nn.Module):
-    """P1's field: an MLP of (y, t)."""
+    """P1's field: an MLP of (y, t); t a number or one time per batch element (torchode)."""
 
     def __init__(self):
         super().__init__()
@@ -58,95 +102,175 @@ class Field(nn.Module):
         self.l2 = nn.Linear(HIDDEN, 2)
 
     def forward(self, t, y):
-        return self.l2(torch.tanh(self.l1(torch.cat([y, t.expand(y.shape[0], 1)], -1))))
+        t = t.reshape(-1, 1).expand(y.shape[0], 1)
+        return self.l2(torch.tanh(self.l1(torch.cat([y, t], -1))))
 
 
 def setup(dtype=torch.float32):
+    """P1's field and y0, drawn in float32 and cast (float32 and float64 share them exactly)."""
     torch.manual_seed(0)
-    return Field().to(dtype), torch.randn(BATCH, 2, dtype=dtype)
+    return Field().to(dtype), torch.randn(BATCH, 2).to(dtype)
 
 
-def odegrad_case(f, y0, gradient, compile_, steps=STEPS):
-    t = torch.tensor([0.0, 1.0], dtype=y0.dtype)
+@dataclass
+class Problem:
+    """One benchmark problem: the field, y0 on [t0, t1], the loss, and how to integrate."""
+
+    kind: str  # the field: "p1", "mlp" or "conv"
+    field: nn.Module
+    y0: Tensor
+    t: Tensor
+    weight: Tensor | None  # None: loss Σ y(t1)²; else Σ w·y(t1)
+    method: str  # "rk4" (fixed steps) or "dopri5" (adaptive)
+    steps: int | None
+    rtol: float = 1e-6
+    atol: float = 1e-6
+
+    @property
+    def step_size(self) -> float | None:
+        return None if self.steps is None else float(self.t[-1] - self.t[0]) / self.steps
+
+    def params(self) -> list[Tensor]:
+        return list(self.field.parameters())
+
+    def loss(self, y_end: Tensor) -> Tensor:
+        return (y_end ** 2).sum() if self.weight is None else (self.weight * y_end).sum()
+
+    def integration(self, method: str) -> dict:
+        """odeint's keywords for `method`: the fixed step, or the tolerances."""
+        if self.steps is None:
+            return {"rtol": self.rtol, "atol": self.atol}
+        options = {"step_size": self.step_size}
+        if make_solver(method).adaptive:
+            options["adaptive"] = False
+        return options
+
+    def sync(self) -> None:
+        if self.y0.device.type == "cuda":
+            torch.cuda.synchronize(self.y0.device)
+
+
+def make_problem(name: str, device: str = "cpu", dtype: str | None = None,
+                 steps: int | None = None) -> Problem:
+    """The problem `name` (PROBLEMS) in `dtype` (default: the problem's own) on `device`."""
+    if name == "p1":
+        f, y0 = setup(getattr(torch, dtype or "float32"))
+        t = torch.tensor([0.0, 1.0], dtype=y0.dtype)
+        return Problem("p1", f.to(device), y0.to(device), t.to(device), None, "rk4",
+                       steps or STEPS)
+    if name not in PROBLEMS:
+        raise SystemExit(f"--problem must be one of {', '.join(PROBLEMS)}, got {name!r}")
+    config = (Config(device=device, dtype=dtype or "float64") if name == "default" else
+              Config(problem="conv", method="rk4", steps=steps or 10, device=device,
+                     dtype=dtype or "float64"))
+    config = resolve(config)
+    run = build(config)
+    return Problem(config.problem, run.field, run.y0, run.t, run.weight, config.method,
+                   config.steps, config.rtol, config.atol)
+
+
+def flat_gradients(problem: Problem, method: str, gradient: str = "direct", **options) -> Tensor:
+    """One odegrad forward + backward: the gradients as one float64 CPU tensor."""
+    y0 = problem.y0.detach().clone().requires_grad_()
+    ys = odegrad.odeint(problem.field, y0, problem.t, method=method, gradient=gradient,
+                        **options)
+    return torch_flat(torch.autograd.grad(problem.loss(ys[-1]), [y0, *problem.params()]))
+
+
+def ode_reference(name: str, steps: int | None) -> Tensor:
+    """The exact gradient of the ODE: direct through dopri8 at 1e-12, float64 on the CPU."""
+    problem = make_problem(name, "cpu", "float64", steps)
+    return flat_gradients(problem, REFERENCE_METHOD, rtol=REFERENCE_TOL, atol=REFERENCE_TOL)
+
+
+def scheme_reference(name: str, steps: int | None, method: str) -> Tensor:
+    """Fixed steps: the exact gradient of the scheme `method`, float64 direct on the CPU."""
+    problem = make_problem(name, "cpu", "float64", steps)
+    return flat_gradients(problem, method, **problem.integration(method))
+
+
+def relative(a: Tensor, b: Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+# ---- the odegrad configurations ---------------------------------------------------------------
+
+# key -> (gradient, method; None: the problem's, "reversible_*": over the problem's method)
+CONFIGS = {
+    "direct": ("direct", None),
+    "discrete": ("discrete", None),
+    "reversible alf": ("reversible", "alf"),
+    "reversible reversible_*": ("reversible", "reversible_*"),
+    "reversible reversible_heun": ("reversible", "reversible_heun"),
+    "backsolve": ("backsolve", None),
+}
+
+
+def config_method(problem: Problem, key: str) -> tuple[str, str]:
+    """(gradient, method) of configuration `key` on `problem`."""
+    gradient, method = CONFIGS[key]
+    if method is None:
+        method = problem.method
+    elif method == "reversible_*":
+        method = f"reversible_{problem.method}"
+    return gradient, method
+
+
+def config_label(problem: Problem, key: str) -> str:
+    gradient, method = config_method(problem, key)
+    return gradient if key in ("direct", "discrete", "backsolve") else f"{gradient} {method}"
+
+
+def odegrad_case(problem: Problem, key: str, compile_: bool) -> Callable[[], tuple]:
+    gradient, method = config_method(problem, key)
     kw = {"checkpoints": "all"} if gradient == "discrete" else {}
+    kw |= problem.integration(method)
 
     def run():
-        y = y0.clone().requires_grad_()
-        ys = odegrad.odeint(f, y, t, method="rk4", step_size=1.0 / steps, gradient=gradient,
+        y = problem.y0.detach().clone().requires_grad_()
+        ys = odegrad.odeint(problem.field, y, problem.t, method=method, gradient=gradient,
                             compile=compile_, **kw)
-        (ys[-1] ** 2).sum().backward()
+        grads = torch.autograd.grad(problem.loss(ys[-1]), [y, *problem.params()])
+        problem.sync()
+        return grads
     return run
 
 
-def hand_rk4(f, y0):
+def hand_rk4(problem: Problem):
+    f, steps = problem.field, problem.steps
+    h = problem.step_size
+
     def run():
-        y = y0.clone().requires_grad_()
-        h, x = 1.0 / STEPS, y
-        for n in range(STEPS):
-            t = torch.tensor(n * h)
+        y = problem.y0.detach().clone().requires_grad_()
+        x = y
+        for n in range(steps):
+            t = torch.tensor(n * h, dtype=y.dtype, device=y.device)
             k1 = f(t, x)
             k2 = f(t + h / 2, x + h / 2 * k1)
             k3 = f(t + h / 2, x + h / 2 * k2)
             k4 = f(t + h, x + h * k3)
             x = x + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
-        (x ** 2).sum().backward()
+        grads = torch.autograd.grad(problem.loss(x), [y, *problem.params()])
+        problem.sync()
+        return grads
     return run
 
 
-def torchdiffeq_case(f, y0, adjoint):
-    import torchdiffeq
-
-    solve = torchdiffeq.odeint_adjoint if adjoint else torchdiffeq.odeint
-    t = torch.tensor([0.0, 1.0])
+def torchdiffeq_case(problem: Problem, peer: str):
+    setting = Integration(problem.method, problem.step_size, problem.rtol, problem.atol)
+    solve = PEERS[peer].solve
+    t0, t1 = (float(x) for x in problem.t)
 
     def run():
-        y = y0.clone().requires_grad_()
-        ys = solve(f, y, t, method="rk4", options={"step_size": 1.0 / STEPS})
-        (ys[-1] ** 2).sum().backward()
+        y = problem.y0.detach().clone().requires_grad_()
+        y_end = solve(problem.field, y, t0, t1, setting)
+        grads = torch.autograd.grad(problem.loss(y_end), [y, *problem.params()])
+        problem.sync()
+        return grads
     return run
 
 
-def diffrax_case(f, y0):
-    """The same weights in JAX; value_and_grad w.r.t. y0 and the weights under jax.jit."""
-    import diffrax
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
-    class RK4(diffrax.AbstractERK):
-        """The classical rk4 tableau (diffrax ships none), as its docs build custom ERKs."""
-
-        tableau = diffrax.ButcherTableau(
-            c=np.array([0.5, 0.5, 1.0]), b_sol=np.array([1 / 6, 1 / 3, 1 / 3, 1 / 6]),
-            b_error=np.zeros(4),
-            a_lower=(np.array([0.5]), np.array([0.0, 0.5]), np.array([0.0, 0.0, 1.0])),
-        )
-        interpolation_cls = diffrax.ThirdOrderHermitePolynomialInterpolation.from_k
-
-        def order(self, terms):
-            return 4
-
-    w = {k: jnp.asarray(v.detach().numpy()) for k, v in f.state_dict().items()}
-
-    def field(t, y, p):
-        z = jnp.concatenate([y, jnp.broadcast_to(t, (y.shape[0], 1))], -1)
-        return jnp.tanh(z @ p["l1.weight"].T + p["l1.bias"]) @ p["l2.weight"].T + p["l2.bias"]
-
-    def loss(y, p):
-        sol = diffrax.diffeqsolve(diffrax.ODETerm(field), RK4(), 0.0, 1.0, 1.0 / STEPS,
-                                  y, args=p, max_steps=STEPS + 1,
-                                  adjoint=diffrax.RecursiveCheckpointAdjoint())
-        return (sol.ys[-1] ** 2).sum()
-
-    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
-    y = jnp.asarray(y0.numpy())
-    start = time.perf_counter()
-    jax.block_until_ready(step(y, w))
-    compile_s = time.perf_counter() - start
-
-    def run():
-        jax.block_until_ready(step(y, w))
-    return run, compile_s, diffrax.__version__
+# ---- P1's history: the eager sweep of an older revision; single compiled steps ----------------
 
 
 def before_sweep(revision: str):
@@ -188,39 +312,76 @@ def single_steps(block: int):
     return enter, leave
 
 
+# ---- measuring --------------------------------------------------------------------------------
+
+
+@dataclass
+class Case:
+    """One row: run() is one forward + backward returning the gradients, flat() makes them one
+    float64 CPU tensor; enter/leave bracket every run (a swapped sweep, BLOCK = 1)."""
+
+    run: Callable
+    flat: Callable = torch_flat
+    scheme: str | None = None  # the odegrad method whose float64 direct gradient it computes
+    eager: str | None = None  # a compiled row: the label of its eager row
+    enter: Callable = lambda: None
+    leave: Callable = lambda: None
+
+    def call(self):
+        self.enter()
+        try:
+            return self.run()
+        finally:
+            self.leave()
+
+
 def measure(cases: dict, rounds: int) -> dict:
     wall = {k: [] for k in cases}
     cpu = {k: [] for k in cases}
     for _ in range(rounds):
-        for name, (run, enter, leave) in cases.items():
-            enter()
+        for name, case in cases.items():
+            case.enter()
             try:
-                run()
+                case.run()
                 w0, c0 = time.perf_counter(), time.process_time()
-                run()
+                case.run()
                 wall[name].append(time.perf_counter() - w0)
                 cpu[name].append(time.process_time() - c0)
             finally:
-                leave()
+                case.leave()
     return {k: {"wall_ms": 1e3 * statistics.median(wall[k]),
                 "cpu_ms": 1e3 * statistics.median(cpu[k])} for k in cases}
 
 
-def compile_time(gradient: str, steps: int) -> dict:
+def first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def compile_time(args, key: str, steps: int | None) -> dict:
     """Run in a fresh process: first call (compile + solve) and a later call, in seconds."""
     env = dict(os.environ, TORCHINDUCTOR_FORCE_DISABLE_CACHES="1",
                ODEGRAD_BENCH_BLOCK=str(compiled.BLOCK))
-    out = subprocess.run([sys.executable, __file__, "--compile-child", gradient, str(steps)],
-                         env=env, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    child = [sys.executable, __file__, "--problem", args.problem, "--device", args.device,
+             "--compile-child", key, str(steps or 0)]
+    if args.dtype:
+        child += ["--dtype", args.dtype]
+    done = subprocess.run(child, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        tail = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+        return {"failed": tail}
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def compile_child(gradient: str, steps: int) -> None:
+def compile_child(args, key: str, steps: int) -> None:
     torch.set_num_threads(1)
-    f, y0 = setup()
-    run = odegrad_case(f, y0, gradient, True, steps)
+    problem = make_problem(args.problem, args.device, args.dtype, steps or None)
+    run = odegrad_case(problem, key, True)
     start = time.perf_counter()
-    run()
+    try:
+        run()
+    except UnsupportedCombinationError as error:
+        print(json.dumps({"unsupported": first_line(error)}))
+        return
     first = time.perf_counter() - start
     start = time.perf_counter()
     run()
@@ -228,80 +389,224 @@ def compile_child(gradient: str, steps: int) -> None:
     print(json.dumps({"first_s": first, "later_s": later, "compile_s": first - later}))
 
 
-def gradient_error(dtype=torch.float64) -> dict:
-    """Relative difference compiled vs eager of dL/d(y0, params), float64, per gradient."""
-    f, y0 = setup(dtype)
+def compile_times(args, problem: Problem, keys: list[str]) -> dict:
+    """Compile time per served configuration; on fixed steps direct and discrete also at 10x
+    the step count (it must not grow with N)."""
     out = {}
-    for gradient in ("direct", "discrete"):
-        grads = []
-        for compile_ in (False, True):
-            f.zero_grad()
-            y = y0.clone().requires_grad_()
-            ys = odegrad.odeint(f, y, torch.tensor([0.0, 1.0], dtype=dtype), method="rk4",
-                                step_size=1.0 / STEPS, gradient=gradient, compile=compile_)
-            g = torch.autograd.grad((ys[-1] ** 2).sum(), [y, *f.parameters()])
-            grads.append(torch.cat([x.reshape(-1) for x in g]))
-        out[gradient] = float((grads[1] - grads[0]).norm() / grads[0].norm())
+    for key in keys:
+        label = config_label(problem, key)
+        if problem.steps is None:
+            runs = {label: None}
+        else:
+            counts = (1, 10) if key in ("direct", "discrete") else (1,)
+            runs = {f"{label} N={k * problem.steps}": k * problem.steps for k in counts}
+        for name, steps in runs.items():
+            out[name] = compile_time(args, key, steps)
+            print(json.dumps({name: out[name]}), flush=True)
     return out
+
+
+def gradient_error_float64(args, keys: list[str]) -> dict:
+    """Relative difference compiled vs eager of dL/d(y0, params) in float64, per served
+    configuration."""
+    problem = make_problem(args.problem, args.device, "float64")
+    out = {}
+    for key in keys:
+        eager = torch_flat(odegrad_case(problem, key, False)())
+        try:
+            got = torch_flat(odegrad_case(problem, key, True)())
+        except UnsupportedCombinationError:
+            continue
+        out[config_label(problem, key)] = relative(got, eager)
+    return out
+
+
+def odegrad_cases(args, problem: Problem, result: dict) -> dict:
+    """The odegrad rows: each configuration eager, then compiled where odegrad serves it (a
+    first compiled call here: its seconds go to result["first_call_s"])."""
+    cases, block = {}, compiled.BLOCK
+    fixed = problem.steps is not None
+    for key in args.configs:
+        gradient, method = config_method(problem, key)
+        label = f"odegrad {config_label(problem, key)}"
+        eager = f"{label} eager"
+        cases[eager] = Case(odegrad_case(problem, key, False), scheme=method if fixed else None)
+        blocks = fixed and gradient in ("direct", "discrete")
+        name = f"{label} compiled" + (f", blocks of {block}" if blocks else "")
+        run = odegrad_case(problem, key, True)
+        start = time.perf_counter()
+        try:
+            run()
+        except UnsupportedCombinationError as error:
+            result["unsupported"][name] = first_line(error)
+            print(f"{name}: unsupported: {first_line(error)}", flush=True)
+            continue
+        except CompilationError as error:
+            result["unsupported"][name] = f"compilation failed: {first_line(error)}"
+            continue
+        result["first_call_s"][name] = time.perf_counter() - start
+        cases[name] = Case(run, scheme=cases[eager].scheme, eager=eager)
+        if blocks and block > 1:
+            enter, leave = single_steps(block)
+            cases[f"{label} compiled, single steps"] = Case(
+                run, scheme=cases[eager].scheme, eager=eager, enter=enter, leave=leave)
+    if args.before:
+        enter, leave = before_sweep(args.before)
+        cases[f"odegrad discrete eager, sweep of {args.before}"] = Case(
+            odegrad_case(problem, "discrete", False), enter=enter, leave=leave)
+    return cases
+
+
+def peer_cases(args, problem: Problem, result: dict) -> dict:
+    cases = {}
+    fixed = problem.steps is not None
+    if fixed and problem.method == "rk4":
+        cases["hand-written eager rk4"] = Case(hand_rk4(problem), scheme="rk4")
+    if importlib.util.find_spec("torchdiffeq"):
+        # torchdiffeq's rk4 is the 3/8 rule
+        scheme = "rk4_38" if fixed and problem.method == "rk4" else None
+        cases["torchdiffeq odeint"] = Case(torchdiffeq_case(problem, "torchdiffeq"),
+                                           scheme=scheme)
+        cases["torchdiffeq odeint_adjoint"] = Case(torchdiffeq_case(problem, "torchdiffeq_adjoint"))
+    else:
+        result["torchdiffeq"] = "not installed: not measured"
+    if importlib.util.find_spec("torchode"):
+        scheme = problem.method if fixed else None
+        cases["torchode eager"] = Case(torchode_case(problem, False)[0], scheme=scheme)
+        name = "torchode compiled (torch.compile(solver.solve))"
+        try:
+            run, first = torchode_case(problem, True)
+            cases[name] = Case(run, scheme=scheme, eager="torchode eager")
+            result["first_call_s"][name] = first
+        except Exception as error:  # noqa: BLE001 - reported, the eager row stays
+            result["unsupported"][name] = f"compilation failed: {type(error).__name__}: " \
+                                          f"{first_line(error)}"
+    else:
+        result["torchode"] = "not installed: not measured"
+    if not importlib.util.find_spec("diffrax"):
+        result["diffrax"] = "not installed: not measured"
+        return cases
+    if problem.y0.device.type != "cpu":
+        result["diffrax"] = "jax on the CPU only here: not measured on CUDA"
+        return cases
+    for config in ("checkpoint", "reversible", "backsolve"):
+        run, flat, compile_s, label = diffrax_case(problem, config)
+        # the scheme each computes the gradient of, or approaches (ReversibleHeun)
+        scheme = {"checkpoint": problem.method, "reversible": "reversible_heun"}.get(config)
+        cases[label] = Case(run, flat, scheme=scheme if fixed else None)
+        result["first_call_s"][label] = compile_s
+        if config == "checkpoint":
+            result["diffrax_compile_s"] = compile_s
+    return cases
+
+
+def gradient_errors(problem_name: str, steps: int | None, cases: dict) -> dict:
+    ode = ode_reference(problem_name, steps)
+    schemes: dict = {}
+    grads = {name: case.flat(case.call()) for name, case in cases.items()}
+    out = {}
+    for name, case in cases.items():
+        row = {"ode": relative(grads[name], ode)}
+        if case.scheme is not None:
+            if case.scheme not in schemes:
+                schemes[case.scheme] = scheme_reference(problem_name, steps, case.scheme)
+            row["scheme"] = relative(grads[name], schemes[case.scheme])
+        if case.eager is not None:
+            row["vs eager"] = relative(grads[name], grads[case.eager])
+        out[name] = row
+    return out
+
+
+def memory(cases: dict, device: torch.device) -> dict:
+    from odegrad.compare import _mmap_threshold
+
+    out = {}
+    if device.type == "cpu":
+        _mmap_threshold(64 * 1024)
+    try:
+        for name, case in cases.items():
+            case.call()
+            peak, how = peak_memory(case.call, device)
+            out[name] = None if peak is None else peak / 2**20
+        out["how"] = how
+    finally:
+        if device.type == "cpu":
+            _mmap_threshold(32 * 2**20)
+    return out
+
+
+def print_table(result: dict) -> None:
+    times, errors = result["times"], result.get("gradient_errors", {})
+    mem = result.get("peak_mb", {})
+    base_name = next((k for k in times if k.startswith("odegrad direct eager")), None)
+    base = times[base_name]["cpu_ms"] if base_name else None
+    print(f"{'row':62s} {'wall ms':>9s} {'cpu ms':>9s} {'x dir.':>6s} {'err ode':>9s} "
+          f"{'err scheme':>10s} {'vs eager':>9s} {'peak MB':>8s}")
+    for name, row in times.items():
+        err = errors.get(name, {})
+
+        def show(value, spec):
+            return format(value, spec) if value is not None else "-"
+        print(f"{name:62s} {row['wall_ms']:9.1f} {row['cpu_ms']:9.1f} "
+              f"{show(row['cpu_ms'] / base if base else None, '6.2f'):>6s} "
+              f"{show(err.get('ode'), '9.2e'):>9s} {show(err.get('scheme'), '10.2e'):>10s} "
+              f"{show(err.get('vs eager'), '9.1e'):>9s} {show(mem.get(name), '8.1f'):>8s}")
+    for name, why in result["unsupported"].items():
+        print(f"{name:62s} unsupported: {why}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--problem", choices=PROBLEMS, default="p1")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--dtype", choices=("float32", "float64"), default=None,
+                        help="default: the problem's (p1 float32, default and conv float64)")
+    parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS),
+                        help="the odegrad configurations (default: all)")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--before", default=None, help="git revision of the 'before' sweep")
     parser.add_argument("--no-compile-times", action="store_true")
+    parser.add_argument("--no-peers", action="store_true")
+    parser.add_argument("--no-float64-check", action="store_true",
+                        help="skip compiled vs eager in float64 (float32 problems)")
+    parser.add_argument("--memory", action="store_true", help="peak memory of each row")
     parser.add_argument("--json", default=None)
     parser.add_argument("--block", type=int, default=None,
                         help="odegrad.compiled.BLOCK for compile=True (default: the library's)")
     parser.add_argument("--compile-child", nargs=2, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.compile_child:
-        compile_child(args.compile_child[0], int(args.compile_child[1]))
-        return
-    torch.set_num_threads(1)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: CUDA is not available on this machine")
     if args.block is not None:
         compiled.BLOCK = args.block
+    if args.compile_child:
+        compile_child(args, args.compile_child[0], int(args.compile_child[1]))
+        return
+    torch.set_num_threads(1)
     block = compiled.BLOCK
+    problem = make_problem(args.problem, args.device, args.dtype)
     result: dict = {"date": datetime.date.today().isoformat(), "torch": torch.__version__,
-                    "block": block,
+                    "block": block, "problem": args.problem, "device": args.device,
+                    "dtype": str(problem.y0.dtype).removeprefix("torch."),
                     "machine": platform.processor() or platform.machine(),
-                    "command": " ".join(sys.argv)}
+                    "command": " ".join(sys.argv), "unsupported": {}, "first_call_s": {}}
+    cases = odegrad_cases(args, problem, result)
+    served = [k for k in args.configs
+              if not any(n.startswith(f"odegrad {config_label(problem, k)} compiled")
+                         for n in result["unsupported"])]
     if not args.no_compile_times:
-        result["compile"] = {f"{g} N={n}": compile_time(g, n)
-                             for g in ("direct", "discrete") for n in (100, 1000)}
-        print(json.dumps(result["compile"], indent=1), flush=True)
-    f, y0 = setup()
-    nothing = (lambda: None, lambda: None)
-    cases = {}
-    for gradient in ("direct", "discrete"):
-        cases[f"odegrad {gradient} eager"] = (odegrad_case(f, y0, gradient, False), *nothing)
-        cases[f"odegrad {gradient} compiled, blocks of {block}"] = (
-            odegrad_case(f, y0, gradient, True), *nothing)
-        if block > 1:
-            cases[f"odegrad {gradient} compiled, single steps"] = (
-                odegrad_case(f, y0, gradient, True), *single_steps(block))
-    if args.before:
-        cases[f"odegrad discrete eager, sweep of {args.before}"] = (
-            odegrad_case(f, y0, "discrete", False), *before_sweep(args.before))
-    cases["hand-written eager rk4"] = (hand_rk4(f, y0), *nothing)
-    try:
-        cases["torchdiffeq odeint"] = (torchdiffeq_case(f, y0, False), *nothing)
-        cases["torchdiffeq odeint_adjoint"] = (torchdiffeq_case(f, y0, True), *nothing)
-    except ImportError:
-        pass
-    try:
-        run, compile_s, version = diffrax_case(f, y0)
-        cases[f"diffrax {version} RK4 under jax.jit"] = (run, *nothing)
-        result["diffrax_compile_s"] = compile_s
-    except ImportError:
-        result["diffrax"] = "not installed: not measured"
+        result["compile"] = compile_times(args, problem, served)
+    if not args.no_peers:
+        cases |= peer_cases(args, problem, result)
+    result["gradient_errors"] = gradient_errors(args.problem, problem.steps, cases)
+    if problem.y0.dtype != torch.float64 and not args.no_float64_check:
+        result["gradient_error_float64"] = gradient_error_float64(args, served)
+    if args.memory:
+        result["peak_mb"] = memory(cases, problem.y0.device)
     result["times"] = measure(cases, args.rounds)
-    result["gradient_error_float64"] = gradient_error()
-    base = result["times"]["odegrad direct eager"]["cpu_ms"]
-    for name, row in result["times"].items():
-        print(f"{name:55s} wall {row['wall_ms']:8.1f} ms  cpu {row['cpu_ms']:8.1f} ms  "
-              f"x direct eager (cpu) {row['cpu_ms'] / base:5.2f}")
-    print(json.dumps({k: v for k, v in result.items() if k != "times"}, indent=1))
+    print_table(result)
+    print(json.dumps({k: v for k, v in result.items()
+                      if k not in ("times", "gradient_errors", "peak_mb")}, indent=1))
     if args.json:
         with open(args.json, "w") as out:
             json.dump(result, out, indent=1)

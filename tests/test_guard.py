@@ -339,3 +339,219 @@ def test_cde_combination(kind, method, gradient, checkpoints):
     gaps = [rel(cde_gradient(kind, method, gradient, refine=r)[0],
                 cde_gradient(kind, method, "direct", refine=r)[0]) for r in (1, 2)]
     assert gaps[1] < 0.5 * gaps[0], gaps
+
+
+# ---- per_sample=True: every (method, gradient, checkpoints) from the registries -------------
+# A batch of 3 independent problems, each with its own stiffness (k_b 100x apart), its own output
+# times (t of shape (batch, n_times), differentiated too) and a rejected first step; each
+# combination must raise a clear UnsupportedCombinationError or match the lone solves of its
+# samples: exact gradients equal direct of each lone solve through the same scheme to 1e-10,
+# continuous adjoints converge to the ODE's gradient as the tolerance shrinks. A method or
+# gradient that per_sample=True starts to serve is checked by construction. dopri5 runs in the
+# fast suite; every other method is slow (make test-slow), refusals included.
+
+PS_K = torch.tensor([0.01, 0.1, 1.0], dtype=DT)  # mild enough for the reversible schemes
+PS_T = torch.tensor([[0.0, 0.37, 0.81, 1.2], [0.1, 0.3, 0.9, 1.5], [-0.2, 0.25, 0.6, 1.0]],
+                    dtype=DT)
+PS_Y0 = torch.tensor([[0.5, -0.4], [0.1, 0.8], [-0.7, 0.3]], dtype=DT)
+
+
+class PerSampleField(Field):
+    """Field plus a per-sample decay −k_b y, on the batch: t is (batch,), row b of f depends on
+    t[b] and y[b] only."""
+
+    def __init__(self):
+        super().__init__()
+        self.k = torch.nn.Parameter(PS_K.clone())
+
+    def forward(self, t, y, k=None):
+        if k is None:
+            t, k = t[:, None], self.k[:, None]
+        return torch.tanh(y @ self.w1.T + t * self.b) @ self.w2.T - 0.3 * y - k * y
+
+
+class LoneSample(torch.nn.Module):
+    """Sample b of a PerSampleField alone (t 0-dim, y of one sample), sharing its parameters."""
+
+    def __init__(self, field: PerSampleField, b: int):
+        super().__init__()
+        self.field, self.index = field, b
+
+    def forward(self, t, y):
+        return self.field(t, y, self.field.k[self.index])
+
+
+def per_sample_combinations():
+    from odegrad.per_sample import per_sample_methods
+
+    assert "dopri5" in per_sample_methods() and set(per_sample_methods()) <= set(METHODS)
+    for method in METHODS:
+        for gradient in GRADIENTS:
+            for checkpoints in CHECKPOINTS.get(gradient, [None]):
+                marks = [] if method == "dopri5" else [pytest.mark.slow]
+                yield pytest.param(method, gradient, checkpoints, marks=marks,
+                                   id=f"{method}-{gradient}-{checkpoints}")
+
+
+def test_per_sample_enumeration_reads_the_registries():
+    combos = [p.values for p in per_sample_combinations()]
+    assert {m for m, _, _ in combos} == set(odegrad.METHODS)
+    assert {g for _, g, _ in combos} == set(odegrad.GRADIENTS)
+    assert len(combos) == len(METHODS) * (len(GRADIENTS) + 2)
+
+
+def _ps_loss(ys):
+    return ys[1:].pow(2).sum() + ys[-1, ..., 0].sin().sum()
+
+
+def per_sample_gradient(method, gradient, checkpoints=None, refine=1, **extra):
+    """(solution, ∂L/∂(y0, t, θ) flattened) of the per-sample solve."""
+    field = PerSampleField()
+    y0, t = PS_Y0.clone().requires_grad_(), PS_T.clone().requires_grad_()
+    options = settings(method, refine) | extra
+    if checkpoints is not None:
+        options["checkpoints"] = checkpoints
+    sol = odegrad.solve(field, y0, t, method=method, gradient=gradient, per_sample=True,
+                        **options)
+    grads = torch.autograd.grad(_ps_loss(sol.ys), [y0, t, *field.parameters()])
+    return sol, torch.cat([g.reshape(-1) for g in grads])
+
+
+def lone_gradient(method, refine=1, **extra):
+    """The same loss over each sample's lone direct solve: ∂L/∂(y0, t, θ) flattened."""
+    field = PerSampleField()
+    y0, t = PS_Y0.clone().requires_grad_(), PS_T.clone().requires_grad_()
+    options = settings(method, refine) | extra
+    loss = 0.0
+    for b in range(len(PS_K)):
+        sol = odegrad.solve(LoneSample(field, b), y0[b], t[b], method=method, **options)
+        loss = loss + _ps_loss(sol.ys)
+    grads = torch.autograd.grad(loss, [y0, t, *field.parameters()])
+    return torch.cat([g.reshape(-1) for g in grads])
+
+
+_PS_EXACT = {}
+
+
+@pytest.mark.parametrize("method, gradient, checkpoints", list(per_sample_combinations()))
+def test_per_sample_combination(method, gradient, checkpoints):
+    from odegrad.per_sample import per_sample_methods
+
+    try:
+        sol, grad = per_sample_gradient(method, gradient, checkpoints)
+    except odegrad.UnsupportedCombinationError as error:
+        message = str(error)  # names what it refuses
+        assert any(name in message for name in (method, gradient, "per_sample")), message
+        assert gradient != "direct" or method not in per_sample_methods()
+        return
+    if make_solver(method).adaptive:
+        assert bool((sol.stats["sample_n_rejected"] > 0).all()), "the guard needs rejections"
+    if gradient in EXACT:
+        want = lone_gradient(sol.stats.get("method", method))
+        assert rel(grad, want) < 1e-10
+        return
+    assert gradient in CONTINUOUS, f"new gradient {gradient!r}: add it to EXACT or CONTINUOUS"
+    if "exact" not in _PS_EXACT:
+        _PS_EXACT["exact"] = lone_gradient("dopri5", rtol=1e-12, atol=1e-12, step_size=None)
+    exact = _PS_EXACT["exact"]
+    error = rel(grad, exact)
+    _, fine = per_sample_gradient(method, gradient, checkpoints, refine=2)
+    fine_error = rel(fine, exact)
+    assert fine_error < 0.75 * error or fine_error < 1e-9, (error, fine_error)
+
+
+# ---- compile=True on a subset: every (method, gradient) compiled equals the same one eager ---
+# Read from the registries, so a combination compile=True serves later is checked by
+# construction: either UnsupportedCombinationError or the eager outputs and gradients to 1e-12.
+# Traced with a counting backend (torch._dynamo.testing.CompileCounter: the captured graphs run
+# eagerly, so the compiled wiring - steps, blocks, replays - is what runs, and a served
+# combination must have gone through torch.compile at least once). The whole enumeration takes
+# about 5 minutes on two cores (slow); the default suite runs a cheap sample: fixed and adaptive
+# Runge-Kutta with direct and discrete, and two refusals. The reversible and backsolve graphs
+# trace f's VJP (compiled_graphs.py), 5-60 s a combination here: tests/test_compiled_gradients.py
+# has one served case each in the default suite. The inductor check of a few combinations is
+# slow too (tens of seconds of compilation each on two cores).
+
+COMPILED_SAMPLE = [("euler", "direct"), ("euler", "discrete"), ("fehlberg2", "direct"),
+                   ("fehlberg2", "discrete"), ("euler", "interpolated"),
+                   ("implicit_euler", "discrete")]
+COMPILED_SUBSET = [("rk4", "direct"), ("rk4", "discrete"), ("dopri5", "direct"),
+                   ("dopri5", "discrete"), ("alf", "reversible"),
+                   ("reversible_rk4", "reversible"), ("rk4", "backsolve")]
+# issue 16's first slice stays served (else refusing everything would pass these tests)
+COMPILE_SERVED = {(m, g) for m in ("euler", "rk4") for g in ("direct", "discrete")}
+
+
+def compile_backends(monkeypatch, backend):
+    """Every odegrad module that holds a torch.compile backend (odegrad.compiled's BACKEND and
+    any compiled_* module beside it) gets `backend`."""
+    import importlib
+    import pkgutil
+    import sys
+
+    for info in pkgutil.iter_modules(odegrad.__path__, "odegrad."):
+        if "compiled" in info.name:
+            importlib.import_module(info.name)
+    for name, module in list(sys.modules.items()):
+        if name.startswith("odegrad.") and hasattr(module, "BACKEND"):
+            monkeypatch.setattr(module, "BACKEND", backend)
+    torch._dynamo.reset()
+
+
+def compiled_run(method, gradient, compile_):
+    """Outputs and first-order gradients (y0, parameters) of the guard's problem."""
+    field = Field()
+    y0 = torch.tensor([[0.5, -0.4], [0.1, 0.8]], dtype=DT, requires_grad=True)
+    sol = odegrad.solve(field, y0, T, method=method, gradient=gradient, compile=compile_,
+                        **settings(method))
+    loss = sol.ys[1:].pow(2).sum() + sol.ys[-1, :, 0].sin().sum()
+    grads = torch.autograd.grad(loss, [y0, *field.parameters()])
+    return sol.ys.detach(), torch.cat([g.reshape(-1) for g in grads])
+
+
+def assert_compiled_equals_eager(method, gradient) -> bool:
+    """True when compile=True serves (method, gradient) and equals eager; False when refused."""
+    try:
+        ys, grad = compiled_run(method, gradient, True)
+    except odegrad.UnsupportedCombinationError as error:
+        assert "compile" in str(error) or gradient in str(error), str(error)
+        return False
+    want_ys, want = compiled_run(method, gradient, False)  # served compiled: eager serves it too
+    assert rel(ys, want_ys) < 1e-12
+    assert rel(grad, want) < 1e-12
+    return True
+
+
+def check_traced(monkeypatch, method, gradient):
+    from torch._dynamo.testing import CompileCounter
+
+    counter = CompileCounter()
+    compile_backends(monkeypatch, counter)
+    served = assert_compiled_equals_eager(method, gradient)
+    if served:
+        assert counter.frame_count >= 1, "compile=True served this without torch.compile"
+    assert served or (method, gradient) not in COMPILE_SERVED
+
+
+@pytest.mark.parametrize("method, gradient", COMPILED_SAMPLE)
+def test_compiled_combination_sample(monkeypatch, method, gradient):
+    check_traced(monkeypatch, method, gradient)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("gradient", GRADIENTS)
+def test_compiled_combination(monkeypatch, method, gradient):
+    check_traced(monkeypatch, method, gradient)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method, gradient", COMPILED_SUBSET)
+def test_compiled_combination_inductor(method, gradient):
+    from torch._dynamo.utils import counters
+
+    graphs = counters["stats"]["unique_graphs"]
+    served = assert_compiled_equals_eager(method, gradient)
+    if served:
+        assert counters["stats"]["unique_graphs"] > graphs
+    assert served or (method, gradient) not in COMPILE_SERVED
