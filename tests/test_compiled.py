@@ -173,6 +173,33 @@ def test_block_replay_with_fewer_checkpoints(counter, monkeypatch, checkpoints):
                 checkpoints=checkpoints)
 
 
+def test_large_state_replays_step_by_step(counter, monkeypatch):
+    """Above BLOCK_REPLAY_MAX_BYTES the discrete sweep does not replay blocks (a block's replay
+    holds BLOCK steps' activations at once): every block_vjp declines, and the gradient is
+    still the eager one; below it, blocks are replayed."""
+    monkeypatch.setattr(compiled, "BLOCK", 3)
+    replays = []
+    original = compiled.CompiledRungeKutta.block_vjp
+
+    def spy(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        replays.append(out is not None)
+        return out
+
+    monkeypatch.setattr(compiled.CompiledRungeKutta, "block_vjp", spy)
+    torch.manual_seed(0)
+    field = Field().to(DT)
+    y0 = torch.randn(4, 2, dtype=DT)
+    t = torch.tensor([0.0, 0.4, 0.8], dtype=DT)
+    options = dict(method="rk4", gradient="discrete", step_size=0.02)
+    assert_same(field, y0, t, **options)
+    assert replays and all(replays)
+    replays.clear()
+    monkeypatch.setattr(compiled, "BLOCK_REPLAY_MAX_BYTES", y0.numel() * y0.element_size() - 1)
+    assert_same(field, y0, t, **options)
+    assert replays and not any(replays)
+
+
 def test_block_miss_steps_singly(counter, monkeypatch):
     """Steps of different sizes (one per output interval): the block taken with the first
     step's size is dropped at the second step, and the solve goes on singly, exactly."""

@@ -11,6 +11,10 @@ UnsupportedCombinationError or give:
   the tolerance (or the step) shrinks, and an HVP that converges with it;
 and every method's direct gradient agrees with central finite differences. Every option name
 has exactly one consumer for every (method, gradient) pair.
+
+The same enumeration, in sections below, for SDEs (method, gradient, noise type), CDEs (path
+kind, method, gradient), per_sample=True (each sample against its lone solve) and compile=True
+(each combination against itself eager); the heavy parts are marked slow.
 """
 
 import inspect

@@ -30,9 +30,11 @@ so does its replay where it can (CompiledRungeKutta.block_vjp: BLOCK steps of on
 output inside, from a kept first state — every one under checkpoints "all" — replayed by the
 block's compiled forward under autograd and pulled back by one torch.autograd.grad through its
 compiled backward); the other steps (the last, those around outputs, those whose first state
-is not kept) are replayed one by one. Evaluations of f are counted when a block runs, all of
-them, so the steps of a block the loop then drops (only where the steps differ in size: fixed
-steps of no step_size, one per output interval) count as the evaluations they were.
+is not kept, and every step of a state over BLOCK_REPLAY_MAX_BYTES, whose block replay would
+hold BLOCK steps' activations at once) are replayed one by one. Evaluations of f are counted
+when a block runs, all of them, so the steps of a block the loop then drops (only where the
+steps differ in size: fixed steps of no step_size, one per output interval) count as the
+evaluations they were.
 
 The cache is keyed on the user's f itself (the MAX_FIELDS most recently used), not on the
 per-call wrappers that count evaluations; each entry owns a fresh copy of the step's code
@@ -296,7 +298,10 @@ class CompiledRungeKutta(ExplicitRungeKutta):
         compiled forward from (y, K_1) under autograd and one pull-back of the cotangents of
         its last state and (FSAL) carry through the block's compiled backward, instead of one
         replay and one torch.autograd.grad per step. Returns (∂/∂y, ∂/∂K_1 or None, the
-        parameters' gradients), or None when no cotangent reaches the block."""
+        parameters' gradients), or None when no cotangent reaches the block or the state is
+        over BLOCK_REPLAY_MAX_BYTES (the caller then replays step by step)."""
+        if y.numel() * y.element_size() > BLOCK_REPLAY_MAX_BYTES:
+            return None
         with torch.enable_grad():
             y_in = y.detach().requires_grad_()
             k1_in = k1.detach().requires_grad_() if self.fsal and k1 is not None else None
@@ -394,6 +399,11 @@ BACKEND: Any = "inductor"
 # Steps per compiled block (see the module docstring); 1 turns blocks off. A constant, so the
 # compiled graphs do not depend on the step count.
 BLOCK = 8
+# A block's replay under autograd holds BLOCK steps' activations at once; blocks are the fix
+# for small fields' per-call overhead, so above this state size (bytes) the discrete sweep
+# replays step by step and keeps its one-step memory (the conv block: 368 MB with block
+# replays against 105 MB step by step, no faster; benchmarks/RESULTS.md §11.4).
+BLOCK_REPLAY_MAX_BYTES = 1 << 18
 
 
 def _compiled_step(field: VectorField, key: Any, scheme: ExplicitRungeKutta,

@@ -249,8 +249,8 @@ def integrate_per_sample(
         stale_next = stale if tab.fsal else np.where(active, accepted, stale)
         trial_nonfinite = active & ~finite
         if failed.any():
-            _raise_first(*(torch.from_numpy(a) for a in (underflow, fatal, over, retried, t_n,
-                                                         h)), max_steps)
+            failures = (underflow, fatal, over, retried, t_n, h)
+            raise_first_failure(*(torch.from_numpy(a) for a in failures), max_steps)
         if trial_nonfinite.any() and torch.is_grad_enabled():
             # Redo the step with h = 0 for the samples whose attempt overflowed (rejected):
             # their inf/nan would otherwise turn the zero gradient of the discarded branch
@@ -334,8 +334,8 @@ def _stages(f, tab: _Tableau, t: Tensor, scaled, y: Tensor, k1: Tensor):
     return ks, y_stage
 
 
-def _raise_first(underflow: Tensor, fatal: Tensor, over: Tensor, nonfinite: Tensor,
-                 t_n: Tensor, h: Tensor, max_steps: int) -> None:
+def raise_first_failure(underflow: Tensor, fatal: Tensor, over: Tensor, nonfinite: Tensor | None,
+                        t_n: Tensor, h: Tensor, max_steps: int) -> None:
     """Raise the error of the first failed sample (several host reads: the solve ends here)."""
     for kind, mask in (("underflow", underflow), ("nonfinite", fatal), ("max_steps", over)):
         hits = mask.nonzero()
@@ -348,7 +348,7 @@ def _raise_first(underflow: Tensor, fatal: Tensor, over: Tensor, nonfinite: Tens
                 f"max_steps={max_steps} exceeded for {where} (per_sample=True counts each "
                 "sample's steps); raise max_steps or loosen rtol/atol"
             )
-        if kind == "nonfinite" or int(nonfinite[b]) > 0:
+        if kind == "nonfinite" or (nonfinite is not None and int(nonfinite[b]) > 0):
             raise NonFiniteError(
                 f"f returned a non-finite value for {where} (step size {float(h[b]):.3e})"
             )

@@ -42,13 +42,10 @@ from torch.autograd.function import once_differentiable
 
 from .control import PIController, StepControl
 from .errors import (
-    MaxStepsExceededError,
-    NonFiniteError,
     ReversibleDriftWarning,
-    StepSizeUnderflowError,
 )
 from .per_sample_control import clamp, initial_step_sizes, propose, sample_scaled_error
-from .per_sample_loop import SampleStats
+from .per_sample_loop import SampleStats, raise_first_failure
 from .problem import restored_buffers
 from .solvers.alf import AsynchronousLeapfrog
 from .solvers.base import Step, axpy_sum
@@ -58,30 +55,6 @@ from .solvers.reversible import LocalAdjoint, ReversibleRungeKutta, ReversibleSo
 __all__ = ["solve_reversible", "runs_reversible_per_sample", "reversible_solver"]
 
 _MAX_NONFINITE_RETRIES = 30  # as loop.py
-
-
-def _raise_first(underflow: Tensor, fatal: Tensor, over: Tensor, t_n: Tensor, h: Tensor,
-                 max_steps: int) -> None:
-    """Raise the error of the first failed sample (the solve ends here)."""
-    for kind, mask in (("underflow", underflow), ("nonfinite", fatal), ("max_steps", over)):
-        hits = mask.nonzero()
-        if len(hits) == 0:
-            continue
-        b = int(hits[0, 0])
-        where = f"sample {b} at t={float(t_n[b]):.10g}"
-        if kind == "max_steps":
-            raise MaxStepsExceededError(
-                f"max_steps={max_steps} exceeded for {where} (per_sample=True counts each "
-                "sample's steps); raise max_steps or loosen rtol/atol"
-            )
-        if kind == "nonfinite":
-            raise NonFiniteError(
-                f"f returned a non-finite value for {where} (step size {float(h[b]):.3e})"
-            )
-        raise StepSizeUnderflowError(
-            f"step size underflow for {where}: h={float(h[b]):.3e} is below the resolution of "
-            "t; the problem may be stiff or singular there"
-        )
 
 
 def runs_reversible_per_sample(solver) -> bool:
@@ -243,7 +216,7 @@ def _forward(f, y0: Tensor, times: Tensor, solver: ReversibleSolver, *, rtol, at
                              failed.any().long(), accepted.any().long()])
         all_done, n_passed, any_failed, any_accepted = flags.tolist()  # the one sync
         if any_failed:
-            _raise_first(underflow, fatal, over, t_n, h, max_steps)
+            raise_first_failure(underflow, fatal, over, None, t_n, h, max_steps)
 
         state_old, t_old = state, t_n
         state = torch.where(accepted.reshape(rows), step.y, state)
