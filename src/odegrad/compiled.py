@@ -404,6 +404,13 @@ BLOCK = 8
 # replays step by step and keeps its one-step memory (the conv block: 368 MB with block
 # replays against 105 MB step by step, no faster; benchmarks/RESULTS.md §11.4).
 BLOCK_REPLAY_MAX_BYTES = 1 << 18
+# Inductor's options on the CPU: the C++ wrapper (its Python one's buffer allocations and
+# extern calls cost about a fifth of a small field's step: P1, benchmarks/RESULTS.md §11),
+# built apart from the kernels (cpp_wrapper_build_separate): the wrapper at -O1 and the
+# kernels at -O3, where one translation unit at -O3 spends most of its g++ time on the
+# wrapper (P1's block backward: 11-15 s of g++ against 4 s; P1's compile, discrete 59.7 ->
+# 44.8 s, backsolve 73.4 -> 50.4 s, direct 45.3 -> 35.1 s on 2 cores; runtime unchanged).
+CPU_OPTIONS = {"cpp_wrapper": True, "cpp_wrapper_build_separate": True}
 
 
 def _compiled_step(field: VectorField, key: Any, scheme: ExplicitRungeKutta,
@@ -425,12 +432,11 @@ def _compiled_step(field: VectorField, key: Any, scheme: ExplicitRungeKutta,
                 None if norm is None else (tuple(scheme._e), norm))
     compiled = entries.get(full_key)
     if compiled is None:
-        # On the CPU, a C++ wrapper around the generated kernels: the Python one's buffer
-        # allocations and extern calls cost about a fifth of a small field's step (P1,
-        # benchmarks/RESULTS.md §11). CUDA keeps the default (no CUDA graphs in this slice:
-        # their outputs are overwritten by the next replay, and the loop keeps every y_n).
+        # On the CPU, a C++ wrapper around the generated kernels (CPU_OPTIONS). CUDA keeps
+        # the default (no CUDA graphs in this slice: their outputs are overwritten by the
+        # next replay, and the loop keeps every y_n).
         inductor = BACKEND == "inductor"
-        options = {"cpp_wrapper": True} if inductor and key[-1] == "cpu" else None
+        options = dict(CPU_OPTIONS) if inductor and key[-1] == "cpu" else None
         compiled = entries[full_key] = torch.compile(
             _step_function(field, scheme, block, norm), backend=BACKEND, dynamic=False,
             fullgraph=True,

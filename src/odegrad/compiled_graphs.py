@@ -38,7 +38,8 @@ _serial = itertools.count()
 def cached(owner: Any, key: Hashable, build: Callable[[], Callable], device: str) -> Callable:
     """The compiled function of `owner` (the user's f) under `key`, from the cache or built
     now with `build()` (the plain function) and torch.compile (lazily, at its first call).
-    On the CPU, inductor's C++ wrapper, as odegrad.compiled's step has it."""
+    On the CPU, compiled.CPU_OPTIONS (inductor's C++ wrapper), as odegrad.compiled's step has
+    it."""
     entries = held(owner)
     full_key = ("compiled", key, compiled.BACKEND, device)
     function = entries.get(full_key)
@@ -46,7 +47,7 @@ def cached(owner: Any, key: Hashable, build: Callable[[], Callable], device: str
         cpp = compiled.BACKEND == "inductor" and device == "cpu"
         function = entries[full_key] = torch.compile(
             fresh(build()), backend=compiled.BACKEND, dynamic=False, fullgraph=True,
-            options={"cpp_wrapper": True} if cpp else None,
+            options=dict(compiled.CPU_OPTIONS) if cpp else None,
         )
     return function
 
