@@ -51,3 +51,32 @@ def integrate_keeping_final_state(f, y0, t, solver, **kwargs):
 @pytest.fixture
 def run_keeping_final_state():
     return integrate_keeping_final_state
+
+
+@pytest.fixture
+def counter(monkeypatch):
+    """torch.compile's backend swapped for a counting one (the captured graphs run eagerly)."""
+    from torch._dynamo.testing import CompileCounter
+
+    from odegrad import compiled
+
+    backend = CompileCounter()
+    monkeypatch.setattr(compiled, "BACKEND", backend)
+    torch._dynamo.reset()
+    return backend
+
+
+@pytest.fixture
+def host_reads(monkeypatch):
+    """{"n": the host reads of tensors so far} (item, tolist, bool, float, int, index), counted
+    from here to the test's end."""
+    calls = {"n": 0}
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, **kwargs):
+            calls["n"] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return calls

@@ -11,42 +11,9 @@ import torch
 from torch import nn
 
 import odegrad
+from compiled_cases import DT, Field, gradients
 from odegrad import compiled
 from odegrad.errors import InvalidInputError, UnsupportedCombinationError
-
-DT = torch.float64
-
-
-class Field(nn.Module):
-    """A small MLP with t as an input (issue 16's P1 shape, smaller)."""
-
-    def __init__(self, dim: int = 2, hidden: int = 8):
-        super().__init__()
-        self.l1 = nn.Linear(dim + 1, hidden)
-        self.l2 = nn.Linear(hidden, dim)
-
-    def forward(self, t, y):
-        return self.l2(torch.tanh(self.l1(torch.cat([y, t.expand(*y.shape[:-1], 1)], -1))))
-
-
-@pytest.fixture
-def counter(monkeypatch):
-    from torch._dynamo.testing import CompileCounter
-
-    backend = CompileCounter()
-    monkeypatch.setattr(compiled, "BACKEND", backend)
-    torch._dynamo.reset()
-    return backend
-
-
-def gradients(field, y0, t, **kwargs):
-    y0 = y0.detach().clone().requires_grad_()
-    sol = odegrad.solve(field, y0, t, **kwargs)
-    weights = torch.linspace(-1.0, 1.0, sol.ys.numel(), dtype=DT).reshape(sol.ys.shape)
-    loss = (sol.ys * weights).sum() + (sol.ys[-1] ** 2).sum()
-    inputs = [y0, *field.parameters()] + ([t] if t.requires_grad else [])
-    grads = torch.autograd.grad(loss, inputs)
-    return sol.ys.detach(), torch.cat([g.reshape(-1) for g in grads]), sol.stats
 
 
 def assert_same(field, y0, t, tol=1e-12, dropped_evaluations=0, **kwargs):

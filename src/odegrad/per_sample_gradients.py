@@ -125,7 +125,7 @@ class StepRecorder:
         return total, self.sample_rows * row
 
 
-class _Counted:
+class CountedCalls:
     """f counting its calls into stats[key]."""
 
     def __init__(self, f, stats: dict, key: str):
@@ -244,7 +244,7 @@ class Sweep:
         self.y0, self.grad_ys, self.needs, self.carried = y0, grad_ys, needs, carried
         batch = y0.shape[0]
         self.view = (batch,) + (1,) * (y0.dim() - 1)
-        self.f = _Counted(run.raw_f, run.stats, "nfe_backward")
+        self.f = CountedCalls(run.raw_f, run.stats, "nfe_backward")
         self.time_grad = needs[1]
         self.wanted = [p for p, need in zip(params, needs[2:]) if need]
         self.lam = torch.zeros_like(y0)

@@ -45,6 +45,7 @@ from .errors import (
     ReversibleDriftWarning,
 )
 from .per_sample_control import clamp, initial_step_sizes, propose, sample_scaled_error
+from .per_sample_gradients import CountedCalls
 from .per_sample_loop import SampleStats, raise_first_failure
 from .problem import restored_buffers
 from .solvers.alf import AsynchronousLeapfrog
@@ -250,15 +251,6 @@ def _forward(f, y0: Tensor, times: Tensor, solver: ReversibleSolver, *, rtol, at
     return outputs.movedim(1, 0), state
 
 
-class _Counted:
-    def __init__(self, f, stats: dict, key: str):
-        self.f, self.stats, self.key = f, stats, key
-
-    def __call__(self, t: Tensor, y: Tensor) -> Tensor:
-        self.stats[self.key] += 1
-        return self.f(t, y)
-
-
 class _Run:
     """The forward pass's inputs and records, shared with the backward pass."""
 
@@ -296,7 +288,7 @@ def _backward(run: _Run, y0: Tensor, times: Tensor, grad_ys: Tensor,
     dtype = y0.dtype
     view = (batch,) + (1,) * (y0.dim() - 1)
     rows = (1,) + view
-    fv = _ViewField(_Counted(run.raw_f, run.stats, "nfe_backward"), batch)
+    fv = _ViewField(CountedCalls(run.raw_f, run.stats, "nfe_backward"), batch)
     time_grad = needs[1]
     wanted = [p for p, need in zip(run.params, needs[2:]) if need]
     t_leaf = times.detach().requires_grad_(time_grad)
