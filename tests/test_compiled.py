@@ -70,25 +70,54 @@ def test_no_recompilation_for_new_times_or_step_counts(counter, gradient):
         (ys[-1] ** 2).sum().backward()
 
     run([0.0, 1.0], 0.1)
+    run([0.0, 0.1], 0.05)  # two steps: no stage-time table in the loop, single steps
     first = counter.frame_count
-    # direct: the block and the single step; discrete: both without grad (the forward) and
-    # both with grad (the replay: blocks of steps, the last step and the remainder singly)
+    # direct: the single step (the first step of the first solve, which checks f's outputs)
+    # and the run of steps; discrete: both without grad (the forward), the replay's run and
+    # single step with grad
     assert first == (2 if gradient == "direct" else 4)
     run([0.0, 1.0], 0.1)  # the same call again
     run([0.2, 0.9], 0.1)  # other times, a clipped last step
     run([0.0, 2.0], 0.05)  # another step count (40) and step size
-    run([0.0, 0.1], 0.05)  # two steps: no stage-time table in the loop
-    run([0.0, 0.37], 0.01)  # 37 steps, not a multiple of the block
+    run([0.0, 0.37], 0.01)  # 37 steps
+    assert counter.frame_count == first
+
+
+@pytest.mark.parametrize("gradient", ["direct", "discrete"])
+def test_blocks_do_not_recompile(counter, monkeypatch, gradient):
+    """Without runs (CUDA, or an f whose run does not compile): blocks, compiled once."""
+    monkeypatch.setattr(compiled, "RUNS", False)
+    torch.manual_seed(0)
+    field = Field().to(DT)
+    y0 = torch.randn(4, 2, dtype=DT)
+
+    def run(t, step_size):
+        y = y0.clone().requires_grad_()
+        ys = odegrad.odeint(field, y, torch.tensor(t, dtype=DT), method="rk4",
+                            step_size=step_size, gradient=gradient, compile=True)
+        (ys[-1] ** 2).sum().backward()
+
+    run([0.0, 1.0], 0.1)
+    first = counter.frame_count
+    # direct: the block and the single step; discrete: both without grad (the forward) and
+    # both with grad (the replay: blocks of steps, the last step and the remainder singly)
+    assert first == (2 if gradient == "direct" else 4)
+    run([0.2, 0.9], 0.1)
+    run([0.0, 2.0], 0.05)
+    run([0.0, 0.1], 0.05)
+    run([0.0, 0.37], 0.01)
     assert counter.frame_count == first
 
 
 def calls(monkeypatch):
-    """Counts of the compiled functions' calls: {"block": n, "step": m}."""
-    seen = {"block": 0, "step": 0}
+    """Counts of the compiled functions' calls: {"block": n, "run": r, "step": m}."""
+    seen = {"block": 0, "run": 0, "step": 0}
     call = compiled.CompiledRungeKutta._call
 
     def counting(self, fn, *args):
-        seen["block" if fn is self.compiled_block else "step"] += 1
+        kind = ("block" if fn is self.compiled_block else
+                "run" if fn is self.compiled_run and fn is not None else "step")
+        seen[kind] += 1
         return call(self, fn, *args)
 
     monkeypatch.setattr(compiled.CompiledRungeKutta, "_call", counting)
@@ -107,6 +136,7 @@ def test_blocks_match_eager(counter, monkeypatch, method, gradient, block):
     """Fixed steps with constant times run in blocks of BLOCK steps (the remainder and the
     last step singly): equal to eager, outputs inside blocks (between grid points and on one)
     included, and N not a multiple of the block."""
+    monkeypatch.setattr(compiled, "RUNS", False)  # blocks: CUDA, or no run
     monkeypatch.setattr(compiled, "BLOCK", block)
     seen = calls(monkeypatch)
     torch.manual_seed(0)
@@ -131,6 +161,7 @@ def test_blocks_match_eager(counter, monkeypatch, method, gradient, block):
 def test_block_replay_with_fewer_checkpoints(counter, monkeypatch, checkpoints):
     """The replay runs a block only from a kept first state; with fewer kept it replays the
     rest step by step, exactly."""
+    monkeypatch.setattr(compiled, "RUNS", False)  # blocks: CUDA, or no run
     monkeypatch.setattr(compiled, "BLOCK", 3)
     torch.manual_seed(0)
     field = Field().to(DT)
@@ -144,6 +175,7 @@ def test_large_state_replays_step_by_step(counter, monkeypatch):
     """Above BLOCK_REPLAY_MAX_BYTES the discrete sweep does not replay blocks (a block's replay
     holds BLOCK steps' activations at once): every block_vjp declines, and the gradient is
     still the eager one; below it, blocks are replayed."""
+    monkeypatch.setattr(compiled, "RUNS", False)  # blocks: CUDA, or no run
     monkeypatch.setattr(compiled, "BLOCK", 3)
     replays = []
     original = compiled.CompiledRungeKutta.block_vjp
@@ -170,6 +202,7 @@ def test_large_state_replays_step_by_step(counter, monkeypatch):
 def test_block_miss_steps_singly(counter, monkeypatch):
     """Steps of different sizes (one per output interval): the block taken with the first
     step's size is dropped at the second step, and the solve goes on singly, exactly."""
+    monkeypatch.setattr(compiled, "RUNS", False)  # blocks: CUDA, or no run
     monkeypatch.setattr(compiled, "BLOCK", 3)
     seen = calls(monkeypatch)
     torch.manual_seed(0)
@@ -181,7 +214,8 @@ def test_block_miss_steps_singly(counter, monkeypatch):
     assert seen["block"] == 1 and seen["step"] == 7
 
 
-def test_cache_is_keyed_on_f_not_on_the_call(counter):
+def test_cache_is_keyed_on_f_not_on_the_call(counter, monkeypatch):
+    monkeypatch.setattr(compiled, "RUNS", False)
     torch.manual_seed(0)
     a, b = Field().to(DT), Field().to(DT)
     y0, t = torch.randn(4, 2, dtype=DT), torch.tensor([0.0, 1.0], dtype=DT)
@@ -191,7 +225,8 @@ def test_cache_is_keyed_on_f_not_on_the_call(counter):
     assert counter.frame_count == 2  # one graph per field, each reused (4 steps: no block)
 
 
-def test_tuple_state(counter):
+def test_tuple_state(counter, monkeypatch):
+    monkeypatch.setattr(compiled, "RUNS", False)  # (runs of tuple states: test_runs_*)
     torch.manual_seed(0)
     w = torch.randn(3, 3, dtype=DT, requires_grad=True)
 
@@ -404,6 +439,9 @@ def test_adaptive_one_host_read_a_step(shared, host_reads, gradient):
     times and tolerances reuse the compiled step (h, t, rtol, atol are 0-dim tensors)."""
     backend, field, y0 = shared
     t = torch.tensor([0.0, 0.33, 0.8, 2.0], dtype=DT)
+    # (traced first: the discrete sweep replays runs of accepted steps, whose graph a
+    # loose solve's few steps between outputs may not need)
+    reads(host_reads, field, y0, t * 1.2, gradient, method="dopri5", rtol=1e-8, atol=1e-8)
     loose = reads(host_reads, field, y0, t, gradient, method="dopri5", rtol=1e-4, atol=1e-4)
     graphs = backend.frame_count
     tight = reads(host_reads, field, y0, t * 1.5, gradient, method="dopri5", rtol=1e-9,

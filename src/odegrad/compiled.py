@@ -72,15 +72,18 @@ compile=False for that).
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import itertools
 import types
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
+from torch._higher_order_ops import scan
 
 from .control import scaled_error
 from .errors import OdegradError, UnsupportedCombinationError
@@ -157,6 +160,13 @@ class CompiledRungeKutta(ExplicitRungeKutta):
         self._tolerances: tuple = ()  # (rtol, atol) as the loop gave them, then as tensors
         self.block = BLOCK
         self.compiled_block = _compiled_step(field, cache_key, self, BLOCK) if BLOCK > 1 else None
+        # the CPU's whole runs of steps (a scan, see the module docstring); None: blocks
+        self.compiled_run = (_compiled_step(field, cache_key, self, run=True)
+                             if self.runs and RUNS
+                             and cache_key[-1] == "cpu" else None)
+        if self.compiled_run is not None and _entries(field, cache_key).get(_RUNS_FAILED):
+            self.compiled_run = None
+        self._plan: _Plan | None = None  # the loop's step sizes for its stage-time table
         self._pending: _Pending | None = None  # the steps of the current block not handed out
         self._blocks_off = False  # a block missed within one loop: single steps from then on
         self._h: dict[float, Tensor] = {}  # 0-dim tensors of the float step sizes seen
@@ -171,6 +181,16 @@ class CompiledRungeKutta(ExplicitRungeKutta):
         self._count(1)
         self._check_outputs([k1], t0)
         return k1
+
+    runs = True  # whole runs of steps where the device allows (CompiledAdjoint: never)
+
+    def plan_step_sizes(self, table: Tensor, sizes: Sequence[float],
+                        inside: Sequence[int] = ()) -> None:
+        """The loop's fixed steps: `sizes[n]` is the step from row n of its stage-time table
+        `table`; the steps `inside` have an output inside them (read from their stages, so
+        taken singly: a run keeps no stages). Runs of steps (compiled_run) read them."""
+        self._plan = (_Plan(table, list(sizes), inside) if self.compiled_run is not None
+                      else None)
 
     # Adaptive steps (the loop asks through rate_errors, then reads Step.error_ratio).
     retry_keeps_carry = True  # a rejected attempt hands the next one the carry it was given
@@ -226,9 +246,10 @@ class CompiledRungeKutta(ExplicitRungeKutta):
 
     def _from_block(self, f: VectorField, h: Scalar, y: Tensor, carry: Tensor | None,
                     stage_times: Sequence[Tensor]) -> Step | None:
-        """The step at this table row from a block: the next one of the current block if the
-        loop asks for exactly what it computed, else a new block when BLOCK rows before the
-        last step remain; None: take a single step."""
+        """The step at this table row from a run or a block: the next one of the current run
+        or block if the loop asks for exactly what it computed, else a new run (every row
+        left, on the CPU) or block (BLOCK rows before the last step); None: take a single
+        step."""
         found = _table_row(stage_times)
         if found is None:
             return None
@@ -237,16 +258,25 @@ class CompiledRungeKutta(ExplicitRungeKutta):
         pending, self._pending = self._pending, None
         if pending is not None:
             if (pending.table is table and pending.row == n and pending.f is f
-                    and pending.grad == grad and pending.h == h and y is pending.y
-                    and (not self.fsal or carry is pending.carry)):
+                    and pending.grad == grad and pending.sizes[pending.taken] == h
+                    and y is pending.y and (not self.fsal or carry is pending.carry)):
                 return self._next_of(pending)
             if pending.table is table:  # the loop went elsewhere than the block: stop blocks
                 self._blocks_off = True
-        if (self._blocks_off or isinstance(h, Tensor)
-                or n + self.block > table.shape[0] - 1):  # never the last (clipped) step
+        if self._blocks_off or isinstance(h, Tensor):
+            return None
+        k1 = carry if self.fsal else None
+        plan = self._plan
+        if self.compiled_run is not None and plan is not None and plan.table is table:
+            if plan.run_end(n) - n >= RUN_MIN and plan.sizes[n] == h:
+                step = self._run(f, table, n, plan, y, k1, stage_times[0], grad)
+                if step is not None:
+                    return step
+            if self.compiled_run is not None:  # a short stretch, or f's outputs unchecked
+                return None
+        if n + self.block > table.shape[0] - 1:  # a block never takes the last (clipped) step
             return None
         h_tensor = self._step_tensor(h, y)
-        k1 = carry if self.fsal else None
         if self.fsal and k1 is None:
             k1 = f(stage_times[0], y)
         rows = table[n:n + self.block]
@@ -258,26 +288,103 @@ class CompiledRungeKutta(ExplicitRungeKutta):
         for ks in kss:
             full.append([k1, *ks] if self.fsal else list(ks))
             k1 = full[-1][-1]
-        pending = _Pending(table, n, f, grad, h, ys, full)
+        pending = _Pending(table, n, f, grad, [h] * self.block, ys, full)
         self._count(sum(len(ks) - (1 if self.fsal else 0) for ks in full))
         return self._next_of(pending, stage_times[0])
+
+    def _run(self, f: VectorField, table: Tensor, n: int, plan: _Plan, y: Tensor,
+             k1: Tensor | None, t: Tensor, grad: bool) -> Step | None:
+        """Rows n, … of the table as one run, a scan of the compiled step (one graph whatever
+        the number of rows); None when f's outputs are not checked yet for these shapes (the
+        loop takes this step singly, which checks them) or the run cannot be compiled for
+        this f (the solve then steps in blocks; a warning says so once per f)."""
+        if not (self._checked or _entries(self._field, self._key).get(self._checked_key(y))):
+            return None
+        self._checked = True  # (checked by an earlier solve: these shapes give these outputs)
+        if self.fsal and k1 is None:
+            k1 = f(t, y)
+        end = plan.run_end(n)
+        rows = plan.rows(y).between(n, end)
+        if not grad:
+            y, k1 = y.detach(), None if k1 is None else k1.detach()
+        elif not y.requires_grad:  # one graph for grad mode, whether y_0 requires grad or not
+            y = y.detach().requires_grad_()
+        out = self._scan(rows, y, k1)
+        if out is None:
+            return None
+        ys, carries = out
+        self._count((self.stages - (1 if self.fsal else 0)) * rows.length)
+        pending = _Pending(table, n, f, grad, plan.sizes[n:end], None, None)
+        pending.run = _RunSteps(rows, y, k1, ys, carries)
+        return self._next_of(pending, t)
+
+    def _scan(self, rows: RunRows, y: Tensor, k1: Tensor | None) -> tuple | None:
+        """The compiled run over `rows` from (y, K_1): (every y_{n+1}, every FSAL carry or
+        None), stacked; None (runs off from now on) when it cannot be compiled for this f."""
+        for part in rows.parts:
+            torch._dynamo.mark_dynamic(part, 0)
+        try:
+            return self._call(self.compiled_run, rows.parts, y, k1)
+        except CompilationError as error:
+            self.compiled_run = None
+            _runs_failed(self._field, self._key, error)
+            return None
+
+    def run_vjp(self, rows: RunRows, y: Tensor, k1: Tensor | None, ys_bar: Tensor,
+                carry_bar: Tensor | None, params: Sequence[Tensor]) -> tuple | None:
+        """The reverse sweep's replay of the steps of `rows` at once: the run's compiled
+        forward from (y, K_1) under autograd, then one pull-back of the cotangents of its
+        states `ys_bar` (stacked, a row a step) and of its last FSAL carry through the run's
+        compiled backward. Returns (∂/∂y, ∂/∂K_1 or None, the parameters' gradients), or None
+        when the run does not compile (the caller replays step by step)."""
+        with torch.enable_grad():
+            y_in = y.detach().requires_grad_()
+            k1_in = k1.detach().requires_grad_() if self.fsal and k1 is not None else None
+            out = self._scan(rows, y_in, k1_in)
+            if out is None:
+                return None
+            ys, carries = out
+            self._count((self.stages - (1 if self.fsal else 0)) * rows.length)
+            outs, cots = [ys], [ys_bar]
+            if self.fsal and carry_bar is not None:
+                carries_bar = torch.zeros_like(carries)
+                carries_bar[-1] = carry_bar
+                outs.append(carries)
+                cots.append(carries_bar)
+            inputs = [y_in] + ([k1_in] if k1_in is not None else []) + list(params)
+            grads = torch.autograd.grad(outs, inputs, cots, allow_unused=True)
+        k = 2 if k1_in is not None else 1
+        return grads[0], (grads[1] if k1_in is not None else None), grads[k:]
+
+    def _checked_key(self, y: Tensor) -> tuple:
+        return ("outputs checked", y.shape, y.dtype, y.device)
 
     def _next_of(self, pending: _Pending, t: Tensor | None = None) -> Step:
         j = pending.taken
         pending.taken += 1
-        y_next, ks = pending.ys[j], pending.kss[j]
-        if pending.taken < len(pending.ys):
+        run = pending.run
+        if run is None:
+            y_next, ks = pending.ys[j], pending.kss[j]
+            carry = ks[-1] if self.fsal else None
+        else:  # a run keeps y_{n+1} (and an FSAL carry) of each step, the stages on demand
+            y_next, carry = run.ys[j], run.carries[j] if self.fsal else None
+            ks = _StagesOnDemand(self, run.rows, j, run.y0 if j == 0 else pending.y,
+                                 run.k1 if j == 0 else pending.carry)
+        if pending.taken < pending.length:
             pending.row, pending.y = pending.row + 1, y_next
-            pending.carry = ks[-1] if self.fsal else None
+            pending.carry = carry
             self._pending = pending
-        return self._deliver(y_next, ks, t, counted=0)  # counted when the block ran
+        return self._deliver(y_next, ks, t, counted=0, carry=carry)  # counted when it ran
 
-    def _deliver(self, y_next: Tensor, ks: list[Tensor], t: Tensor | None,
-                 counted: int | None = None, ratio: Tensor | None = None) -> Step:
+    def _deliver(self, y_next: Tensor, ks: Sequence[Tensor], t: Tensor | None,
+                 counted: int | None = None, ratio: Tensor | None = None,
+                 carry: Tensor | None = None) -> Step:
         # s evaluations a step, s − 1 after an FSAL carry
         self._count(len(ks) - (1 if self.fsal else 0) if counted is None else counted)
         if not self._checked and t is not None:
             self._check_outputs(ks, t)
+        if isinstance(ks, _StagesOnDemand):  # no retry: fixed steps are never rejected
+            return RatedStep(y=y_next, error=None, dense=ks, carry=carry, error_ratio=ratio)
         return RatedStep(y=y_next, error=None, dense=ks, carry=ks[-1] if self.fsal else None,
                          retry_carry=ks[0], error_ratio=ratio)
 
@@ -290,6 +397,8 @@ class CompiledRungeKutta(ExplicitRungeKutta):
                     or k.dtype != counted._dtype or k.device != counted._device):
                 counted._check(k, t)
         self._checked = True
+        if self.compiled_run is not None:  # the run's graphs give these shapes from now on
+            _entries(self._field, self._key)[self._checked_key(ks[0])] = True
 
     def block_vjp(self, rows: Tensor, h: float, y: Tensor, k1: Tensor | None,
                   y_bar: Tensor | None, carry_bar: Tensor | None,
@@ -359,13 +468,116 @@ class RatedStep(Step):
 
 
 class _Pending:
-    """A block's steps: what the next call must ask for (row, y, carry) to be handed one."""
+    """A block's or a run's steps: what the next call must ask for (row, step size, y,
+    carry) to be handed one. `run`: (rows, step sizes, K_1, the FSAL carries) of a run."""
 
-    __slots__ = ("table", "row", "f", "grad", "h", "ys", "kss", "taken", "y", "carry")
+    __slots__ = ("table", "row", "f", "grad", "sizes", "ys", "kss", "taken", "y", "carry",
+                 "run")
 
-    def __init__(self, table, row, f, grad, h, ys, kss):
-        self.table, self.row, self.f, self.grad, self.h = table, row, f, grad, h
+    def __init__(self, table, row, f, grad, sizes, ys, kss):
+        self.table, self.row, self.f, self.grad, self.sizes = table, row, f, grad, sizes
         self.ys, self.kss, self.taken, self.y, self.carry = ys, kss, 0, None, None
+        self.run: _RunSteps | None = None
+
+    @property
+    def length(self) -> int:
+        return len(self.sizes)
+
+
+@dataclasses.dataclass
+class _RunSteps:
+    """What a run computed, y_{n+1} (and the FSAL carry) of every step, stacked, with the
+    rows it ran (stage times, then the step size) from y_0 (and K_1)."""
+
+    rows: RunRows
+    y0: Tensor
+    k1: Tensor | None
+    ys: Tensor
+    carries: Tensor | None
+
+
+class RunRows:
+    """What a run reads a step at a time: the step's stage times (t's dtype, as the single
+    step takes them) and its size h (y's dtype, as the single step's h). One (N, s + 1)
+    tensor when the two dtypes agree (one read a step), else the two tensors."""
+
+    def __init__(self, parts: tuple[Tensor, ...], stages: int):
+        self.parts, self.stages = parts, stages
+
+    @classmethod
+    def of(cls, table: Tensor, sizes: Sequence[float], like: Tensor) -> RunRows:
+        """The rows of the stage-time `table` (N, s) with the step sizes `sizes` (N floats)."""
+        h = torch.tensor(list(sizes), dtype=like.dtype).to(like.device)
+        if table.dtype == like.dtype:
+            return cls((torch.cat([table, h[:, None]], 1),), table.shape[1])
+        return cls((table, h), table.shape[1])
+
+    @property
+    def length(self) -> int:
+        return self.parts[0].shape[0]
+
+    def between(self, first: int, end: int) -> RunRows:
+        """Rows first, …, end − 1, each part with storage offset 0 (torch.compile specialises
+        offset 0 against the others: one graph, whatever `first`)."""
+        if not first and end == self.length:
+            return self
+        return RunRows(tuple(p[first:end].clone() for p in self.parts), self.stages)
+
+    def step(self, j: int) -> tuple[tuple[Tensor, ...], Tensor]:
+        """Row j as the single step takes it: (stage times, h)."""
+        if len(self.parts) == 1:
+            *times, h = self.parts[0][j].unbind()
+        else:
+            times, h = self.parts[0][j].unbind(), self.parts[1][j]
+        return tuple(times), h
+
+
+class _Plan:
+    """The loop's fixed step sizes, as floats (what the loop asks for) and, made at the first
+    run, as the rows of runs (RunRows)."""
+
+    __slots__ = ("table", "sizes", "inside", "_rows")
+
+    def __init__(self, table: Tensor, sizes: list[float], inside: Sequence[int]):
+        self.table, self.sizes, self._rows = table, sizes, None
+        self.inside = sorted(inside)
+
+    def run_end(self, n: int) -> int:
+        """The row a run from row n stops before: the next step with an output inside, or
+        the end (n itself when step n has one)."""
+        at = bisect.bisect_left(self.inside, n)
+        return self.inside[at] if at < len(self.inside) else len(self.sizes)
+
+    def rows(self, like: Tensor) -> RunRows:
+        if self._rows is None:
+            self._rows = RunRows.of(self.table, self.sizes, like)
+        return self._rows
+
+
+class _StagesOnDemand(Sequence):
+    """The stages of one step of a run, computed when first read (an output inside the
+    step reads the dense output): the compiled single step from the step's (times, h, y_n,
+    K_1), under the grad mode of the read, so they differentiate as the step does."""
+
+    def __init__(self, scheme: CompiledRungeKutta, rows: RunRows, j: int, y: Tensor,
+                 k1: Tensor | None):
+        self.scheme, self.rows, self.j, self.y, self.k1 = scheme, rows, j, y, k1
+        self._stages: list[Tensor] | None = None
+
+    def _all(self) -> list[Tensor]:
+        if self._stages is None:
+            scheme = self.scheme
+            times, h = self.rows.step(self.j)
+            _, ks = scheme._call(scheme.compiled, times, h, self.y, self.k1)
+            self._stages = list(ks) if self.k1 is None else [self.k1, *ks]
+            scheme._count(len(ks))  # evaluated again, for the dense output
+        return self._stages
+
+    def __len__(self) -> int:
+        return self.scheme.stages
+
+    def __getitem__(self, i):
+        return self._all()[i]
 
 
 def _table_row(stage_times: Sequence[Tensor]) -> tuple[Tensor, int] | None:
@@ -404,6 +616,13 @@ BLOCK = 8
 # replays step by step and keeps its one-step memory (the conv block: 368 MB with block
 # replays against 105 MB step by step, no faster; benchmarks/RESULTS.md §11.4).
 BLOCK_REPLAY_MAX_BYTES = 1 << 18
+# Runs (the CPU's fix for the same overhead, see the module docstring): on, and the fewest
+# steps a run takes (its scan has two or more, so its length stays symbolic).
+RUNS = True
+RUN_MIN = 3
+# The discrete sweep's replay of a run holds its steps' activations at once: runs replayed
+# are at most this many bytes of states (P1's 128 B state: 16384 steps; 256 KiB: 8).
+RUN_REPLAY_MAX_BYTES = 1 << 21
 # Inductor's options on the CPU: the C++ wrapper (its Python one's buffer allocations and
 # extern calls cost about a fifth of a small field's step: P1, benchmarks/RESULTS.md §11),
 # built apart from the kernels (cpp_wrapper_build_separate): the wrapper at -O1 and the
@@ -413,11 +632,8 @@ BLOCK_REPLAY_MAX_BYTES = 1 << 18
 CPU_OPTIONS = {"cpp_wrapper": True, "cpp_wrapper_build_separate": True}
 
 
-def _compiled_step(field: VectorField, key: Any, scheme: ExplicitRungeKutta,
-                   block: int = 1, norm: Callable | None = None) -> Callable:
-    """The compiled step of `scheme` for `field` (`block` > 1: that many steps unrolled; a
-    `norm`: the single step with its error ratio), from the cache or built now (compiled
-    lazily, at its first call, by torch.compile)."""
+def _entries(field: VectorField, key: Any) -> dict:
+    """The cache's entries of `field` (made, or moved to the most recent, here)."""
     owner = getattr(field, "f", field) if key[0] == "tuple" else field
     # keyed by id, the entry holding f itself (so the id cannot be reused while it is cached)
     held = _CACHE.get(id(owner))
@@ -426,10 +642,37 @@ def _compiled_step(field: VectorField, key: Any, scheme: ExplicitRungeKutta,
         while len(_CACHE) > MAX_FIELDS:
             _CACHE.popitem(last=False)
     _CACHE.move_to_end(id(owner))
-    entries = held[1]
+    return held[1]
+
+
+_RUNS_FAILED = "runs failed"  # an entry: this f's runs could not be compiled
+
+
+def _runs_failed(field: VectorField, key: Any, error: CompilationError) -> None:
+    """Remember that runs do not compile for this f (the solves step in blocks) and say so
+    once: the result is the same, the speed is the blocks'."""
+    entries = _entries(field, key)
+    if not entries.get(_RUNS_FAILED):
+        entries[_RUNS_FAILED] = True
+        warnings.warn(
+            f"compile=True: the run of steps (torch's scan) does not compile for this f, so "
+            f"its fixed steps run in compiled blocks of {BLOCK} (the same result, more "
+            f"overhead a step). torch's reason: {error.__cause__!s:.300}. A field with "
+            "no Python side effects and no attribute tensors such as `self.W.T` (use "
+            "torch.nn.functional.linear) compiles as one run",
+            RuntimeWarning, stacklevel=4)
+
+
+def _compiled_step(field: VectorField, key: Any, scheme: ExplicitRungeKutta,
+                   block: int = 1, norm: Callable | None = None, run: bool = False) -> Callable:
+    """The compiled step of `scheme` for `field` (`block` > 1: that many steps unrolled; a
+    `norm`: the single step with its error ratio; `run`: a run of steps, see the module
+    docstring), from the cache or built now (compiled lazily, at its first call, by
+    torch.compile)."""
+    entries = _entries(field, key)
     full_key = (key, BACKEND, scheme.name, tuple(scheme._c), tuple(map(tuple, scheme._a)),
                 tuple(scheme._b), bool(scheme.tableau.fsal), block,
-                None if norm is None else (tuple(scheme._e), norm))
+                None if norm is None else (tuple(scheme._e), norm), run)
     compiled = entries.get(full_key)
     if compiled is None:
         # On the CPU, a C++ wrapper around the generated kernels (CPU_OPTIONS). CUDA keeps
@@ -438,7 +681,7 @@ def _compiled_step(field: VectorField, key: Any, scheme: ExplicitRungeKutta,
         inductor = BACKEND == "inductor"
         options = dict(CPU_OPTIONS) if inductor and key[-1] == "cpu" else None
         compiled = entries[full_key] = torch.compile(
-            _step_function(field, scheme, block, norm), backend=BACKEND, dynamic=False,
+            _step_function(field, scheme, block, norm, run), backend=BACKEND, dynamic=False,
             fullgraph=True,
             options=options,
         )
@@ -446,7 +689,7 @@ def _compiled_step(field: VectorField, key: Any, scheme: ExplicitRungeKutta,
 
 
 def _step_function(field: VectorField, scheme: ExplicitRungeKutta, block: int = 1,
-                   norm: Callable | None = None) -> Callable:
+                   norm: Callable | None = None, run: bool = False) -> Callable:
     """The step (block == 1) or `block` steps as a plain function, with its own code object (so
     its own dynamo cache). A block takes the stage times as a (block, s) tensor and returns
     (y_{n+1}, …, y_{n+block}) and every step's stages (the first without an FSAL carry).
@@ -496,7 +739,35 @@ def _step_function(field: VectorField, scheme: ExplicitRungeKutta, block: int = 
         ratio = scaled_error(error.detach(), y.detach(), y_next.detach(), rtol, atol, norm)
         return y_next, ks, ratio
 
-    chosen = rated_step if norm is not None else step if block == 1 else steps
+    def run_steps(rows: tuple[Tensor, ...], y: Tensor, k1: Tensor | None):
+        """A scan of the step over `rows` (RunRows.parts: a step's stage times, then its
+        size): every step's y_{n+1} (and FSAL carry) stacked. Nothing of f outside the scan:
+        inductor (torch 2.13) miscompiles the parameters' gradients of a graph that evaluates
+        f both outside and inside a scan (the biases' came out wrong)."""
+        def times_and_h(row):
+            if len(row) == 1:
+                return row[0], row[0][stages]
+            return row[0], row[1]
+
+        if fsal:
+            def body(carry, row):
+                times, h = times_and_h(row)
+                y_next, ks = one(times, h, carry[0], carry[1])
+                return (y_next, ks[-1]), (y_next.clone(), ks[-1].clone())
+
+            _, (ys, carries) = scan(body, (y, k1), rows)
+            return ys, carries
+
+        def body(carry, row):
+            times, h = times_and_h(row)
+            y_next, _ = one(times, h, carry, None)
+            return y_next, y_next.clone()
+
+        _, ys = scan(body, y, rows)
+        return ys, None
+
+    chosen = (rated_step if norm is not None else run_steps if run
+              else step if block == 1 else steps)
     code = chosen.__code__.replace(co_name=f"odegrad_compiled_step_{next(_serial)}")
     return types.FunctionType(code, chosen.__globals__, code.co_name, chosen.__defaults__,
                               chosen.__closure__)

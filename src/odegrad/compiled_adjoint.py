@@ -70,6 +70,8 @@ class AugmentedDynamics:
 class CompiledAdjoint(CompiledRungeKutta):
     """odegrad.compiled's step with the augmented dynamics inlined, their VJP traced."""
 
+    runs = False  # torch.autograd.grad does not trace inside torch's scan: blocks of steps
+
     def __init__(self, base: ExplicitRungeKutta, dynamics: AugmentedDynamics, counted: Any,
                  cache_key: Any, norm: Callable):
         super().__init__(base, dynamics, counted, cache_key)

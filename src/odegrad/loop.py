@@ -231,6 +231,10 @@ def integrate(
     if (plan is not None and len(plan) >= _MIN_TABLE_STEPS and not time_grad
             and solver.takes_stage_times and t.dtype in _TABLE_DTYPES):
         rows = _StageTimeRows(stage_time_table(times, plan, solver.stage_nodes, t))
+        plan_step_sizes = getattr(solver, "plan_step_sizes", None)  # compile=True: runs
+        if plan_step_sizes is not None:
+            plan_step_sizes(rows.table, [step[0] for step in plan],
+                            _steps_with_inside_outputs(times, plan, direction))
 
     y, t_n, offset, anchor, next_output = state, times[0], 0.0, 0, 1
     y_previous = None  # the state before the last accepted step (for check_stability)
@@ -412,6 +416,21 @@ def _emit_outputs(
             trajectory.outputs.append(output)
         next_output += 1
     return next_output
+
+
+def _steps_with_inside_outputs(times: list[float], plan: list, direction: float) -> list[int]:
+    """The steps of a fixed plan that `_emit_outputs` will read an output inside of (from the
+    dense output), found with the loop's own float arithmetic for t_n."""
+    found, t_n, next_output = [], times[0], 1
+    for n, (h, end_anchor, _, _) in enumerate(plan):
+        t_next = t_n + h if end_anchor is None else times[end_anchor]
+        tol = 1e-12 * max(abs(t_next), abs(h))
+        while next_output < len(times) and direction * (times[next_output] - t_next) <= tol:
+            if next_output != end_anchor and (not found or found[-1] != n):
+                found.append(n)
+            next_output += 1
+        t_n = times[end_anchor] if end_anchor is not None else t_n + h
+    return found
 
 
 def fixed_step_count(t: Tensor, step_size: float | None, stops: Sequence[int] = ()) -> int:

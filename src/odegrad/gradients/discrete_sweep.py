@@ -91,6 +91,10 @@ class _Backward:
             times = [float(v) for v in self.t.cpu().tolist()]
             self.block_table = stage_time_table(times, plan, self.solver.stage_nodes, self.t)
         self.block_from: int | None = None  # steps block_from, … already pulled back
+        # compile=True on the CPU: runs of steps instead of blocks (reverse_run)
+        self.runs = self.block_table is not None and \
+            getattr(self.solver, "compiled_run", None) is not None
+        self.run_rows = None  # RunRows of every step, made at the first run
 
     # ---- the sweep --------------------------------------------------------------------------
 
@@ -215,11 +219,73 @@ class _Backward:
             if self.block_from is not None and n >= self.block_from:
                 return  # pulled back with the block above it
             self.block_from = None
+            if self.runs and self.reverse_run(n):
+                return
             if self.block_table is not None and self.reverse_block(n):
                 return
             m, state, carry = self.current
             assert m == n, (m, n)
             self.reverse_replay(n, state, carry)
+
+    def reverse_run(self, n: int) -> bool:
+        """compile=True on the CPU: pull the cotangents back through steps first, …, n at
+        once, by one compiled replay of the run from the kept state of step `first`
+        (CompiledRungeKutta.run_vjp): the longest stretch of steps ending at n with no
+        rejected attempt and no output inside a step (outputs at step ends are cotangents of
+        the run's states), its first state kept, at most RUN_REPLAY_MAX_BYTES of states
+        (the replay holds the run's activations). False: blocks or step by step. The steps
+        below n in the run are then skipped by `reverse`."""
+        from ..compiled import BLOCK_REPLAY_MAX_BYTES, RUN_MIN, RUN_REPLAY_MAX_BYTES, RunRows
+
+        solver, steps, kept = self.solver, self.steps, self.run_.store.kept
+        if (steps[n].rejected or n in self.inside
+                or (type(solver).observe is not Solver.observe
+                    and (self.ends or self.lam is not None))):
+            return False
+        m = n
+        state = kept.get(n)
+        state_bytes = None if state is None else state.state.numel() * \
+            state.state.element_size()
+        if state_bytes is None:  # (the nearest kept state below tells the size)
+            below = [k for k in kept if k <= n]
+            if not below:
+                return False
+            ref = kept[max(below)].state
+            state_bytes = ref.numel() * ref.element_size()
+        if state_bytes > BLOCK_REPLAY_MAX_BYTES:
+            return False
+        longest = max(RUN_MIN, RUN_REPLAY_MAX_BYTES // max(state_bytes, 1))
+        while m > 0 and n - m + 2 <= longest and not steps[m - 1].rejected \
+                and (m - 1) not in self.inside:
+            m -= 1
+        while m <= n - RUN_MIN + 1 and (
+                m not in kept or (solver.fsal and not isinstance(kept[m].carry, Tensor))):
+            m += 1
+        if n - m + 1 < RUN_MIN:
+            return False
+        first, start = m, kept[m]
+        carry_bar = self.carry_bar[0] if solver.fsal and self.carry_bar else None
+        ys_bar = torch.zeros((n - first + 1, *start.state.shape), dtype=start.state.dtype,
+                             device=start.state.device)
+        lam = self.lam
+        if lam is not None:
+            ys_bar[-1] = lam
+        for k in range(first, n + 1):
+            for i in self.ends.get(k, ()):
+                ys_bar[k - first] += self.grad_ys[i]
+        if self.run_rows is None:
+            self.run_rows = RunRows.of(self.block_table, [r.h for r in steps], start.state)
+        out = solver.run_vjp(self.run_rows.between(first, n + 1), start.state,
+                             start.carry if solver.fsal else None, ys_bar, carry_bar,
+                             self.params)
+        if out is None:
+            self.runs = False
+            return False
+        self.lam, k1_bar, param_grads = out
+        self.carry_bar = [k1_bar] if solver.fsal else []
+        self.add_params(list(param_grads))
+        self.block_from = first
+        return True
 
     def reverse_block(self, n: int) -> bool:
         """compile=True: pull the cotangents back through steps n − BLOCK + 1, …, n at once,
