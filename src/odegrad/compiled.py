@@ -321,10 +321,9 @@ class CompiledRungeKutta(ExplicitRungeKutta):
     def _scan(self, rows: RunRows, y: Tensor, k1: Tensor | None) -> tuple | None:
         """The compiled run over `rows` from (y, K_1): (every y_{n+1}, every FSAL carry or
         None), stacked; None (runs off from now on) when it cannot be compiled for this f."""
-        for part in rows.parts:
-            torch._dynamo.mark_dynamic(part, 0)
+        torch._dynamo.mark_dynamic(rows.rows, 0)
         try:
-            return self._call(self.compiled_run, rows.parts, y, k1)
+            return self._call(self.compiled_run, rows.rows, y, k1)
         except CompilationError as error:
             self.compiled_run = None
             _runs_failed(self._field, self._key, error)
@@ -497,38 +496,35 @@ class _RunSteps:
 
 
 class RunRows:
-    """What a run reads a step at a time: the step's stage times (t's dtype, as the single
-    step takes them) and its size h (y's dtype, as the single step's h). One (N, s + 1)
-    tensor when the two dtypes agree (one read a step), else the two tensors."""
+    """What a run reads a step at a time: one row of (t_n + c_i h_n)_i then h_n, in the dtype
+    of t and y (solve refuses t of another dtype than y0's; the stage times are the loop's
+    table's, bit for bit, as the single step takes them)."""
 
-    def __init__(self, parts: tuple[Tensor, ...], stages: int):
-        self.parts, self.stages = parts, stages
+    def __init__(self, rows: Tensor):
+        self.rows = rows
 
     @classmethod
     def of(cls, table: Tensor, sizes: Sequence[float], like: Tensor) -> RunRows:
         """The rows of the stage-time `table` (N, s) with the step sizes `sizes` (N floats)."""
+        if table.dtype != like.dtype:
+            raise AssertionError(f"stage times in {table.dtype}, state in {like.dtype}")
         h = torch.tensor(list(sizes), dtype=like.dtype).to(like.device)
-        if table.dtype == like.dtype:
-            return cls((torch.cat([table, h[:, None]], 1),), table.shape[1])
-        return cls((table, h), table.shape[1])
+        return cls(torch.cat([table, h[:, None]], 1))
 
     @property
     def length(self) -> int:
-        return self.parts[0].shape[0]
+        return self.rows.shape[0]
 
     def between(self, first: int, end: int) -> RunRows:
-        """Rows first, …, end − 1, each part with storage offset 0 (torch.compile specialises
-        offset 0 against the others: one graph, whatever `first`)."""
+        """Rows first, …, end − 1, with storage offset 0 (torch.compile specialises offset 0
+        against the others: one graph, whatever `first`)."""
         if not first and end == self.length:
             return self
-        return RunRows(tuple(p[first:end].clone() for p in self.parts), self.stages)
+        return RunRows(self.rows[first:end].clone())
 
     def step(self, j: int) -> tuple[tuple[Tensor, ...], Tensor]:
         """Row j as the single step takes it: (stage times, h)."""
-        if len(self.parts) == 1:
-            *times, h = self.parts[0][j].unbind()
-        else:
-            times, h = self.parts[0][j].unbind(), self.parts[1][j]
+        *times, h = self.rows[j].unbind()
         return tuple(times), h
 
 
@@ -739,28 +735,21 @@ def _step_function(field: VectorField, scheme: ExplicitRungeKutta, block: int = 
         ratio = scaled_error(error.detach(), y.detach(), y_next.detach(), rtol, atol, norm)
         return y_next, ks, ratio
 
-    def run_steps(rows: tuple[Tensor, ...], y: Tensor, k1: Tensor | None):
-        """A scan of the step over `rows` (RunRows.parts: a step's stage times, then its
-        size): every step's y_{n+1} (and FSAL carry) stacked. Nothing of f outside the scan:
+    def run_steps(rows: Tensor, y: Tensor, k1: Tensor | None):
+        """A scan of the step over `rows` (RunRows: a step's stage times, then its size):
+        every step's y_{n+1} (and FSAL carry) stacked. Nothing of f outside the scan:
         inductor (torch 2.13) miscompiles the parameters' gradients of a graph that evaluates
         f both outside and inside a scan (the biases' came out wrong)."""
-        def times_and_h(row):
-            if len(row) == 1:
-                return row[0], row[0][stages]
-            return row[0], row[1]
-
         if fsal:
             def body(carry, row):
-                times, h = times_and_h(row)
-                y_next, ks = one(times, h, carry[0], carry[1])
+                y_next, ks = one(row, row[stages], carry[0], carry[1])
                 return (y_next, ks[-1]), (y_next.clone(), ks[-1].clone())
 
             _, (ys, carries) = scan(body, (y, k1), rows)
             return ys, carries
 
         def body(carry, row):
-            times, h = times_and_h(row)
-            y_next, _ = one(times, h, carry, None)
+            y_next, _ = one(row, row[stages], carry, None)
             return y_next, y_next.clone()
 
         _, ys = scan(body, y, rows)
