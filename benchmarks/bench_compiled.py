@@ -16,7 +16,18 @@ machine is shared, and CPU time is what other jobs disturb least):
       with reversible_heun (diffrax's ReversibleHeun's scheme), backsolve. A compiled row that
       odegrad does not serve yet is listed as "unsupported" with the first line of its
       UnsupportedCombinationError, so rows join as odegrad serves them. For direct and discrete
-      on fixed steps also compile=True with single steps (odegrad.compiled.BLOCK = 1).
+      on fixed steps the compile=True row says how the steps run (src/odegrad/compiled.py's
+      docstring): on the CPU "compile=True (runs)" (odegrad.compiled.RUNS: one compiled scan
+      of the step over all remaining steps), on CUDA, where runs are off by design, or with
+      --no-runs "compile=True, blocks of 8" (compiled.BLOCK steps unrolled per call; --block
+      changes it); each also has the rows "compile=True, blocks of 8" (RUNS = False, where
+      the default row is runs) and "compile=True, single steps" (RUNS = False, BLOCK = 1: one
+      compiled call per step), the same solve with the per-call overhead of each. Adaptive
+      steps and the other configurations are plain "compile=True" (adaptive steps run singly;
+      on the CPU the discrete sweep's replay of them still runs in runs).
+  odegrad compile=True discrete at the matched tolerance (adaptive problems, --matched-tol,
+      default rtol = atol = 2e-6: on the default problem diffrax's step count at 1e-6, with a
+      smaller gradient error than diffrax's)
   odegrad discrete eager with the reverse sweep of git revision --before (P1's history)
   a hand-written eager rk4 loop (fixed-step rk4 problems)
   torchdiffeq odeint / odeint_adjoint (rk4 is torchdiffeq's 3/8 rule: odegrad's rk4_38)
@@ -29,6 +40,10 @@ machine is shared, and CPU time is what other jobs disturb least):
       the scheme's by the step's error; odegrad's reversible_heun row is the same scheme) and
       BacksolveAdjoint
 
+Steps and checkpoints: for each odegrad row the accepted / rejected steps and the f
+evaluations of its solve (Solution.stats) and the discrete adjoint's checkpoint_bytes; for
+diffrax its accepted / rejected steps (sol.stats).
+
 Gradient errors, ‖g − g_ref‖/‖g_ref‖ over (y0, parameters): `ode` against direct through dopri8
 at rtol = atol = 1e-12 in float64 (as `odegrad compare`); `scheme` (fixed steps) against
 float64 direct through the row's own scheme; `vs eager` for each compiled odegrad row against
@@ -36,11 +51,19 @@ its eager row in the same run; and, for float32 problems, gradient_error_float64
 eager in float64 per served configuration (the 1e-12 acceptance of issue 16; it compiles
 every served configuration once more, --no-float64-check skips it).
 
-Compile times: each compiled configuration in a fresh subprocess with inductor's caches off
-(TORCHINDUCTOR_FORCE_DISABLE_CACHES=1): the first call (compilation + one solve) minus a later
-call; direct and discrete also at 10x the steps (compile time must not grow with N). The peers'
-compile times are their first call, in this process (first_call_s; for odegrad's compiled rows
-that first call may reuse graphs an earlier row compiled, so it is no compile time).
+Compile times: each compiled configuration, as its default compile=True row runs it (runs on
+the CPU, blocks on CUDA or with --no-runs), in a fresh subprocess with inductor's caches off
+(TORCHINDUCTOR_FORCE_DISABLE_CACHES=1; the child gets compiled.RUNS and compiled.BLOCK through
+ODEGRAD_BENCH_RUNS and ODEGRAD_BENCH_BLOCK): the first call (compilation + one solve) minus a
+later call; direct and discrete also at 10x the steps (compile time must not grow with N).
+One such child by hand (configuration: a key of CONFIGS, N: the step count, 0 the problem's):
+
+    TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 python benchmarks/bench_compiled.py --problem p1 \\
+        --device cpu --compile-child <configuration> <N>
+
+The peers' compile times are their first call, in this process (first_call_s; for odegrad's
+compiled rows that first call may reuse graphs an earlier row compiled, so it is no compile
+time).
 
 Peak memory (--memory): odegrad.compare.peak_memory of one call after the warm-up, in this
 process (CPU: the resident-set high-water mark with glibc mmapping every block of 64 KiB or
@@ -50,6 +73,13 @@ GPU (compiled rows use what odegrad's compile=True does there); diffrax stays on
 
     flock /tmp/odegrad-bench.lock python benchmarks/bench_compiled.py --before 249d914
     flock /tmp/odegrad-bench.lock python benchmarks/bench_compiled.py --problem default --memory
+
+The compare default's acceptance run (formerly benchmarks/bench_compiled_default.py: odegrad
+direct and discrete(all), eager and compiled, the matched-tolerance row, diffrax's Dopri5 with
+RecursiveCheckpointAdjoint; with torchdiffeq's and torchode's rows too here):
+
+    flock /tmp/odegrad-bench.lock python benchmarks/bench_compiled.py --problem default \\
+        --configs direct discrete --no-compile-times --memory --json default.json
 """
 
 from __future__ import annotations
@@ -83,7 +113,9 @@ from odegrad.errors import UnsupportedCombinationError  # noqa: E402
 from odegrad.peers import PEERS, Integration  # noqa: E402
 from odegrad.solvers import make_solver  # noqa: E402
 
+# the compile-time child's configuration: the parent's compiled.BLOCK and compiled.RUNS
 compiled.BLOCK = int(os.environ.get("ODEGRAD_BENCH_BLOCK", compiled.BLOCK))
+compiled.RUNS = os.environ.get("ODEGRAD_BENCH_RUNS", "1" if compiled.RUNS else "0") != "0"
 
 BATCH, HIDDEN, STEPS = 16, 32, 100  # P1
 PROBLEMS = ("p1", "default", "conv")
@@ -221,17 +253,25 @@ def config_label(problem: Problem, key: str) -> str:
     return gradient if key in ("direct", "discrete", "backsolve") else f"{gradient} {method}"
 
 
-def odegrad_case(problem: Problem, key: str, compile_: bool) -> Callable[[], tuple]:
+def odegrad_case(problem: Problem, key: str, compile_: bool, tol: float | None = None,
+                 stats: dict | None = None) -> Callable[[], tuple]:
+    """One forward + backward of configuration `key` (adaptive: at rtol = atol = `tol` if
+    given); `stats` (if given) gets the last call's Solution.stats, read after the backward."""
     gradient, method = config_method(problem, key)
     kw = {"checkpoints": "all"} if gradient == "discrete" else {}
     kw |= problem.integration(method)
+    if tol is not None and problem.steps is None:
+        kw |= {"rtol": tol, "atol": tol}
 
     def run():
         y = problem.y0.detach().clone().requires_grad_()
-        ys = odegrad.odeint(problem.field, y, problem.t, method=method, gradient=gradient,
+        sol = odegrad.solve(problem.field, y, problem.t, method=method, gradient=gradient,
                             compile=compile_, **kw)
-        grads = torch.autograd.grad(problem.loss(ys[-1]), [y, *problem.params()])
+        grads = torch.autograd.grad(problem.loss(sol.ys[-1]), [y, *problem.params()])
         problem.sync()
+        if stats is not None:
+            stats.clear()
+            stats.update(sol.stats)
         return grads
     return run
 
@@ -270,7 +310,7 @@ def torchdiffeq_case(problem: Problem, peer: str):
     return run
 
 
-# ---- P1's history: the eager sweep of an older revision; single compiled steps ----------------
+# ---- P1's history: the eager sweep of an older revision; blocks and single compiled steps ------
 
 
 def before_sweep(revision: str):
@@ -302,14 +342,31 @@ def before_sweep(revision: str):
             lambda: [setattr(discrete, k, v) for k, v in now.items()])
 
 
-def single_steps(block: int):
-    """(enter, leave): compile=True with BLOCK = 1 (one compiled call per step), and back."""
+def compiled_setting(runs: bool, block: int):
+    """(enter, leave): compile=True with odegrad.compiled.RUNS = `runs` and BLOCK = `block`
+    (RUNS False, BLOCK 8: blocks of 8 steps a compiled call; BLOCK 1: one step a call), and
+    back to the settings at enter."""
+    saved = []
+
     def enter():
-        compiled.BLOCK = 1
+        saved.append((compiled.RUNS, compiled.BLOCK))
+        compiled.RUNS, compiled.BLOCK = runs, block
 
     def leave():
-        compiled.BLOCK = block
+        compiled.RUNS, compiled.BLOCK = saved.pop()
     return enter, leave
+
+
+def runs_on(problem: Problem) -> bool:
+    """Whether compile=True runs fixed steps as runs here (the CPU, compiled.RUNS)."""
+    return compiled.RUNS and problem.y0.device.type == "cpu"
+
+
+def compiled_label(runs: bool, block: int) -> str:
+    """How compile=True takes fixed steps with these settings: runs, blocks or single steps."""
+    if runs:
+        return "compile=True (runs)"
+    return f"compile=True, blocks of {block}" if block > 1 else "compile=True, single steps"
 
 
 # ---- measuring --------------------------------------------------------------------------------
@@ -318,7 +375,8 @@ def single_steps(block: int):
 @dataclass
 class Case:
     """One row: run() is one forward + backward returning the gradients, flat() makes them one
-    float64 CPU tensor; enter/leave bracket every run (a swapped sweep, BLOCK = 1)."""
+    float64 CPU tensor; enter/leave bracket every run (a swapped sweep, compiled.RUNS and
+    compiled.BLOCK); stats, filled by run() (odegrad: Solution.stats; diffrax: its steps)."""
 
     run: Callable
     flat: Callable = torch_flat
@@ -326,6 +384,7 @@ class Case:
     eager: str | None = None  # a compiled row: the label of its eager row
     enter: Callable = lambda: None
     leave: Callable = lambda: None
+    stats: dict | None = None
 
     def call(self):
         self.enter()
@@ -360,7 +419,8 @@ def first_line(error: Exception) -> str:
 def compile_time(args, key: str, steps: int | None) -> dict:
     """Run in a fresh process: first call (compile + solve) and a later call, in seconds."""
     env = dict(os.environ, TORCHINDUCTOR_FORCE_DISABLE_CACHES="1",
-               ODEGRAD_BENCH_BLOCK=str(compiled.BLOCK))
+               ODEGRAD_BENCH_BLOCK=str(compiled.BLOCK),
+               ODEGRAD_BENCH_RUNS="1" if compiled.RUNS else "0")
     child = [sys.executable, __file__, "--problem", args.problem, "--device", args.device,
              "--compile-child", key, str(steps or 0)]
     if args.dtype:
@@ -423,17 +483,23 @@ def gradient_error_float64(args, keys: list[str]) -> dict:
 
 def odegrad_cases(args, problem: Problem, result: dict) -> dict:
     """The odegrad rows: each configuration eager, then compiled where odegrad serves it (a
-    first compiled call here: its seconds go to result["first_call_s"])."""
-    cases, block = {}, compiled.BLOCK
+    first compiled call here: its seconds go to result["first_call_s"]); for direct and
+    discrete on fixed steps the compiled row is labelled by how its steps run (runs on the
+    CPU, else blocks) and followed by the blocks (if the default is runs) and single-steps
+    rows; on adaptive steps, discrete at --matched-tol too."""
+    cases, block, runs = {}, compiled.BLOCK, runs_on(problem)
     fixed = problem.steps is not None
     for key in args.configs:
         gradient, method = config_method(problem, key)
         label = f"odegrad {config_label(problem, key)}"
         eager = f"{label} eager"
-        cases[eager] = Case(odegrad_case(problem, key, False), scheme=method if fixed else None)
-        blocks = fixed and gradient in ("direct", "discrete")
-        name = f"{label} compiled" + (f", blocks of {block}" if blocks else "")
-        run = odegrad_case(problem, key, True)
+        stats: dict = {}
+        cases[eager] = Case(odegrad_case(problem, key, False, stats=stats),
+                            scheme=method if fixed else None, stats=stats)
+        stepped = fixed and gradient in ("direct", "discrete")  # runs, blocks or single steps
+        name = f"{label} " + (compiled_label(runs, block) if stepped else "compile=True")
+        stats = {}
+        run = odegrad_case(problem, key, True, stats=stats)
         start = time.perf_counter()
         try:
             run()
@@ -445,11 +511,20 @@ def odegrad_cases(args, problem: Problem, result: dict) -> dict:
             result["unsupported"][name] = f"compilation failed: {first_line(error)}"
             continue
         result["first_call_s"][name] = time.perf_counter() - start
-        cases[name] = Case(run, scheme=cases[eager].scheme, eager=eager)
-        if blocks and block > 1:
-            enter, leave = single_steps(block)
-            cases[f"{label} compiled, single steps"] = Case(
-                run, scheme=cases[eager].scheme, eager=eager, enter=enter, leave=leave)
+        cases[name] = Case(run, scheme=cases[eager].scheme, eager=eager, stats=stats)
+        others = [(False, block)] if runs and block > 1 else []
+        others += [(False, 1)] if runs or block > 1 else []
+        for setting in others if stepped else ():
+            enter, leave = compiled_setting(*setting)
+            stats = {}
+            cases[f"{label} {compiled_label(*setting)}"] = Case(
+                odegrad_case(problem, key, True, stats=stats), scheme=cases[eager].scheme,
+                eager=eager, enter=enter, leave=leave, stats=stats)
+        if gradient == "discrete" and not fixed and args.matched_tol:
+            stats = {}
+            matched = f"{name}, rtol=atol={args.matched_tol:g}"
+            cases[matched] = Case(odegrad_case(problem, key, True, args.matched_tol, stats),
+                                  stats=stats)
     if args.before:
         enter, leave = before_sweep(args.before)
         cases[f"odegrad discrete eager, sweep of {args.before}"] = Case(
@@ -490,10 +565,11 @@ def peer_cases(args, problem: Problem, result: dict) -> dict:
         result["diffrax"] = "jax on the CPU only here: not measured on CUDA"
         return cases
     for config in ("checkpoint", "reversible", "backsolve"):
-        run, flat, compile_s, label = diffrax_case(problem, config)
+        stats: dict = {}
+        run, flat, compile_s, label = diffrax_case(problem, config, stats)
         # the scheme each computes the gradient of, or approaches (ReversibleHeun)
         scheme = {"checkpoint": problem.method, "reversible": "reversible_heun"}.get(config)
-        cases[label] = Case(run, flat, scheme=scheme if fixed else None)
+        cases[label] = Case(run, flat, scheme=scheme if fixed else None, stats=stats)
         result["first_call_s"][label] = compile_s
         if config == "checkpoint":
             result["diffrax_compile_s"] = compile_s
@@ -535,22 +611,35 @@ def memory(cases: dict, device: torch.device) -> dict:
     return out
 
 
+def case_stats(cases: dict) -> dict:
+    """Each row's steps (accepted / rejected), f evaluations and checkpoint bytes, where its
+    run reports them (odegrad's Solution.stats, diffrax's sol.stats)."""
+    keys = ("n_accepted", "n_rejected", "nfe_forward", "nfe_backward", "checkpoint_bytes")
+    return {name: {k: case.stats[k] for k in keys if k in case.stats}
+            for name, case in cases.items() if case.stats}
+
+
 def print_table(result: dict) -> None:
     times, errors = result["times"], result.get("gradient_errors", {})
-    mem = result.get("peak_mb", {})
+    mem, stats = result.get("peak_mb", {}), result.get("stats", {})
     base_name = next((k for k in times if k.startswith("odegrad direct eager")), None)
     base = times[base_name]["cpu_ms"] if base_name else None
-    print(f"{'row':62s} {'wall ms':>9s} {'cpu ms':>9s} {'x dir.':>6s} {'err ode':>9s} "
-          f"{'err scheme':>10s} {'vs eager':>9s} {'peak MB':>8s}")
+    print(f"{'row':62s} {'wall ms':>9s} {'cpu ms':>9s} {'x dir.':>6s} {'acc/rej':>8s} "
+          f"{'err ode':>9s} {'err scheme':>10s} {'vs eager':>9s} {'peak MB':>8s} "
+          f"{'ckpt MB':>8s}")
     for name, row in times.items():
-        err = errors.get(name, {})
+        err, stat = errors.get(name, {}), stats.get(name, {})
 
         def show(value, spec):
             return format(value, spec) if value is not None else "-"
+        steps = (f"{stat['n_accepted']}/{stat.get('n_rejected', '?')}"
+                 if "n_accepted" in stat else "-")
+        ckpt = stat.get("checkpoint_bytes")
         print(f"{name:62s} {row['wall_ms']:9.1f} {row['cpu_ms']:9.1f} "
-              f"{show(row['cpu_ms'] / base if base else None, '6.2f'):>6s} "
+              f"{show(row['cpu_ms'] / base if base else None, '6.2f'):>6s} {steps:>8s} "
               f"{show(err.get('ode'), '9.2e'):>9s} {show(err.get('scheme'), '10.2e'):>10s} "
-              f"{show(err.get('vs eager'), '9.1e'):>9s} {show(mem.get(name), '8.1f'):>8s}")
+              f"{show(err.get('vs eager'), '9.1e'):>9s} {show(mem.get(name), '8.1f'):>8s} "
+              f"{show(None if ckpt is None else ckpt / 2**20, '8.2f'):>8s}")
     for name, why in result["unsupported"].items():
         print(f"{name:62s} unsupported: {why}")
 
@@ -572,13 +661,23 @@ def main() -> None:
     parser.add_argument("--memory", action="store_true", help="peak memory of each row")
     parser.add_argument("--json", default=None)
     parser.add_argument("--block", type=int, default=None,
-                        help="odegrad.compiled.BLOCK for compile=True (default: the library's)")
+                        help="odegrad.compiled.BLOCK: the steps of the blocks rows, and of the "
+                        "compile=True row where it runs blocks (default: the library's)")
+    parser.add_argument("--no-runs", action="store_true",
+                        help="odegrad.compiled.RUNS = False: the compile=True rows run blocks "
+                        "on the CPU too (as on CUDA), compile times included")
+    parser.add_argument("--matched-tol", type=float, default=2e-6,
+                        help="adaptive problems: also compile=True discrete at this rtol = "
+                        "atol (default 2e-6: on the default problem diffrax's step count at "
+                        "1e-6, with a smaller gradient error than diffrax's); 0: not")
     parser.add_argument("--compile-child", nargs=2, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: CUDA is not available on this machine")
     if args.block is not None:
         compiled.BLOCK = args.block
+    if args.no_runs:
+        compiled.RUNS = False
     if args.compile_child:
         compile_child(args, args.compile_child[0], int(args.compile_child[1]))
         return
@@ -586,19 +685,21 @@ def main() -> None:
     block = compiled.BLOCK
     problem = make_problem(args.problem, args.device, args.dtype)
     result: dict = {"date": datetime.date.today().isoformat(), "torch": torch.__version__,
-                    "block": block, "problem": args.problem, "device": args.device,
+                    "block": block, "runs": runs_on(problem), "problem": args.problem,
+                    "device": args.device,
                     "dtype": str(problem.y0.dtype).removeprefix("torch."),
                     "machine": platform.processor() or platform.machine(),
                     "command": " ".join(sys.argv), "unsupported": {}, "first_call_s": {}}
     cases = odegrad_cases(args, problem, result)
     served = [k for k in args.configs
-              if not any(n.startswith(f"odegrad {config_label(problem, k)} compiled")
+              if not any(n.startswith(f"odegrad {config_label(problem, k)} compile=True")
                          for n in result["unsupported"])]
     if not args.no_compile_times:
         result["compile"] = compile_times(args, problem, served)
     if not args.no_peers:
         cases |= peer_cases(args, problem, result)
     result["gradient_errors"] = gradient_errors(args.problem, problem.steps, cases)
+    result["stats"] = case_stats(cases)
     if problem.y0.dtype != torch.float64 and not args.no_float64_check:
         result["gradient_error_float64"] = gradient_error_float64(args, served)
     if args.memory:
@@ -606,7 +707,8 @@ def main() -> None:
     result["times"] = measure(cases, args.rounds)
     print_table(result)
     print(json.dumps({k: v for k, v in result.items()
-                      if k not in ("times", "gradient_errors", "peak_mb")}, indent=1))
+                      if k not in ("times", "gradient_errors", "peak_mb", "stats")},
+                     indent=1))
     if args.json:
         with open(args.json, "w") as out:
             json.dump(result, out, indent=1)

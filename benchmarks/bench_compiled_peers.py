@@ -157,9 +157,12 @@ DIFFRAX_CONFIGS = {
 }
 
 
-def diffrax_case(problem, config: str) -> tuple[Run, Callable, float, str]:
+def diffrax_case(problem, config: str, stats_out: dict | None = None
+                 ) -> tuple[Run, Callable, float, str]:
     """value_and_grad w.r.t. (y0, the weights) under jax.jit, on the CPU; returns (run, flat,
-    the seconds of the first call (compilation), a label)."""
+    the seconds of the first call (compilation), a label). `stats_out` (if given) gets the
+    solve's accepted and rejected steps (diffrax's sol.stats, from a jitted forward of its own,
+    so the timed function is left as it was) as n_accepted and n_rejected."""
     import diffrax
     import jax
     import jax.numpy as jnp
@@ -189,11 +192,13 @@ def diffrax_case(problem, config: str) -> tuple[Run, Callable, float, str]:
     w = {k: jnp.asarray(v.detach().cpu().numpy()) for k, v in problem.field.state_dict().items()}
     weight = None if problem.weight is None else jnp.asarray(problem.weight.cpu().numpy())
 
+    def solve(y, p):
+        return diffrax.diffeqsolve(diffrax.ODETerm(field), solver, t0, t1, dt0, y, args=p,
+                                   stepsize_controller=controller, max_steps=max_steps,
+                                   adjoint=adjoint)
+
     def loss(y, p):
-        sol = diffrax.diffeqsolve(diffrax.ODETerm(field), solver, t0, t1, dt0, y, args=p,
-                                  stepsize_controller=controller, max_steps=max_steps,
-                                  adjoint=adjoint)
-        y_end = sol.ys[-1]
+        y_end = solve(y, p).ys[-1]
         return (y_end ** 2).sum() if weight is None else (weight * y_end).sum()
 
     step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
@@ -201,6 +206,10 @@ def diffrax_case(problem, config: str) -> tuple[Run, Callable, float, str]:
     start = time.perf_counter()
     jax.block_until_ready(step(y, w))
     compile_s = time.perf_counter() - start
+    if stats_out is not None:
+        stats = jax.jit(lambda y, p: solve(y, p).stats)(y, w)
+        stats_out.update(n_accepted=int(stats["num_accepted_steps"]),
+                         n_rejected=int(stats["num_rejected_steps"]))
     names = list(w)
 
     def run():

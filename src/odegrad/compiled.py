@@ -36,6 +36,30 @@ when a block runs, all of them, so the steps of a block the loop then drops (onl
 steps differ in size: fixed steps of no step_size, one per output interval) count as the
 evaluations they were.
 
+Runs (the CPU's fix, which supersedes blocks there): where the loop has a stage-time table it
+also hands the solver its step sizes and the steps with an output inside them
+(`plan_step_sizes`); from row n the solver then runs every step up to the next such step (or
+the end) as one compiled call: a `torch._higher_order_ops.scan` of the step over the rows
+(t_n + c_i h_n, …, h_n), whose length is a symbolic size (torch._dynamo.mark_dynamic), so the
+graph is compiled once whatever N and the loop over the steps runs inside inductor's C++
+wrapper, forward and backward (the scan's autograd saves each step's residuals and runs the
+reverse scan of the step's backward). The steps may differ in size (uneven output grids). A
+run keeps y_{n+1} (and the FSAL carry) of every step and no stages: a step whose dense output
+is read (an output inside it) is taken singly, and a stage read from a run's step is computed
+then from its row, state and carry (_StagesOnDemand). The first step of the first solve for a
+(f, shapes) is also single: it checks f's outputs, which the run cannot. The discrete sweep
+replays runs too (`run_vjp`: the run from a kept state under autograd, the cotangents of its
+states, outputs at step ends included, pulled back by one torch.autograd.grad), of fixed or
+accepted adaptive steps, up to RUN_REPLAY_MAX_BYTES of states a run and only for states up to
+BLOCK_REPLAY_MAX_BYTES (the replay holds the run's activations). An f whose run does not trace
+(Python side effects, an attribute tensor read twice such as `self.W.T`, which torch's scan
+refuses as aliasing inputs) falls back to blocks with one RuntimeWarning. Runs are off on
+CUDA (never run on a GPU here: inductor's while loop keeps its counter on the host, so it
+should not synchronise, but launches each iteration's kernels from the host and cannot be
+captured in a CUDA graph; untested, so blocks stay there) and for backsolve's augmented
+dynamics (torch.autograd.grad does not trace inside a scan).
+Figures: benchmarks/RESULTS.md §11.5.
+
 The cache is keyed on the user's f itself (the MAX_FIELDS most recently used), not on the
 per-call wrappers that count evaluations; each entry owns a fresh copy of the step's code
 object, so torch.compile's per-code cache holds one f's graphs only and different fields never
@@ -315,7 +339,10 @@ class CompiledRungeKutta(ExplicitRungeKutta):
         ys, carries = out
         self._count((self.stages - (1 if self.fsal else 0)) * rows.length)
         pending = _Pending(table, n, f, grad, plan.sizes[n:end], None, None)
-        pending.run = _RunSteps(rows, y, k1, ys, carries)
+        # views of every step's state made at once (one unbind: ~0.6 µs a view, against ~2 µs
+        # for an index a step)
+        pending.run = _RunSteps(rows, y, k1, ys.unbind(0),
+                                None if carries is None else carries.unbind(0))
         return self._next_of(pending, t)
 
     def _scan(self, rows: RunRows, y: Tensor, k1: Tensor | None) -> tuple | None:
@@ -491,8 +518,8 @@ class _RunSteps:
     rows: RunRows
     y0: Tensor
     k1: Tensor | None
-    ys: Tensor
-    carries: Tensor | None
+    ys: tuple[Tensor, ...]
+    carries: tuple[Tensor, ...] | None
 
 
 class RunRows:
