@@ -99,6 +99,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import itertools
+import logging
 import types
 import warnings
 from collections import OrderedDict
@@ -605,7 +606,10 @@ class _StagesOnDemand(Sequence):
 
 def _table_row(stage_times: Sequence[Tensor]) -> tuple[Tensor, int] | None:
     """(table, n) when the stage times are row n of the loop's stage-time table (its 0-dim
-    views, loop._StageTimeRows), else None."""
+    views, loop._StageTimeRows, which say so: loop.StageTimes), else None."""
+    table = getattr(stage_times, "table", None)
+    if table is not None:
+        return table, stage_times.row
     first = stage_times[0]
     table = first._base if isinstance(first, Tensor) else None
     if (table is None or first.dim() != 0 or table.dim() != 2 or table.stride(1) != 1
@@ -615,6 +619,19 @@ def _table_row(stage_times: Sequence[Tensor]) -> tuple[Tensor, int] | None:
     if column or not 0 <= n < table.shape[0]:
         return None
     return table, n
+
+
+class _ProxyFallbackNote(logging.Filter):
+    """Drops inductor's note that its C++ wrapper calls an op without a C shim through the
+    proxy executor (a run's select_copy and slice_copy, forward and backward: correct, and not
+    the user's to act on), which it logs as a warning at every compilation of a run. Installed
+    on that logger at import: a run's backward compiles lazily, inside autograd."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "is missing a c-shim implementation" not in record.getMessage()
+
+
+logging.getLogger("torch._inductor.ir").addFilter(_ProxyFallbackNote())
 
 
 def _is_compile_error(error: Exception) -> bool:

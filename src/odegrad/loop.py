@@ -242,7 +242,7 @@ def integrate(
     failed_steps = 0
     rejected: list[float] = []  # step sizes rejected from the current t_n
     recent_steps: deque[float] = deque(maxlen=20)  # for the stiffness hint
-    while next_output < len(t):
+    while next_output < len(times):  # (a list's len: t's costs ~1 µs a step)
         if stats["n_steps"] >= max_steps:
             raise MaxStepsExceededError(
                 _max_steps_message(max_steps, t_n, times, recent_steps, solver)
@@ -403,7 +403,7 @@ def _emit_outputs(
     with a grid point is read from the interpolant (θ ≈ 1), so its time derivative is right.
     """
     tol = 1e-12 * max(abs(t_next), abs(record.h))
-    while next_output < len(t) and direction * (times[next_output] - t_next) <= tol:
+    while next_output < len(times) and direction * (times[next_output] - t_next) <= tol:
         i = next_output
         if i == record.end_anchor:
             outputs[i] = solver.observe(step.y)
@@ -549,6 +549,14 @@ def stage_time_table(
     return torch.from_numpy(table).to(like.device)
 
 
+class StageTimes(tuple):
+    """Row `row` of the stage-time `table` as a tuple of 0-dim views (what a solver that
+    `takes_stage_times` reads), which says where it comes from (compile=True's runs)."""
+
+    table: Tensor
+    row: int
+
+
 class _StageTimeRows:
     """Row n of a stage-time table as a tuple of 0-dim views, which cost no kernel: one unbind
     makes the views of `block` rows, ~0.6 µs each on the host (CPU, torch 2.13) against ~1.2 µs
@@ -558,12 +566,14 @@ class _StageTimeRows:
         self.table, self.block, self.stages = table, block, table.shape[1]
         self.start, self.views = -block, ()
 
-    def __getitem__(self, n: int) -> tuple[Tensor, ...]:
+    def __getitem__(self, n: int) -> StageTimes:
         if not self.start <= n < self.start + self.block:
             self.start = n - n % self.block
             self.views = self.table[self.start:self.start + self.block].reshape(-1).unbind()
         k = (n - self.start) * self.stages
-        return self.views[k:k + self.stages]
+        row = StageTimes(self.views[k:k + self.stages])
+        row.table, row.row = self.table, n
+        return row
 
 
 def _max_steps_message(
