@@ -94,8 +94,9 @@ def test_run_that_does_not_compile_falls_back_to_blocks(counter, monkeypatch):
 
 
 def test_discrete_replays_runs_within_the_byte_bound(counter, monkeypatch):
-    """The sweep replays runs of at most RUN_REPLAY_MAX_BYTES of states from kept states, and
-    none above BLOCK_REPLAY_MAX_BYTES a state (step by step then), exactly in both cases."""
+    """The sweep measures what one step's replay saves for its backward (the first step it
+    replays, singly), then replays runs from kept states that save at most
+    RUN_REPLAY_MAX_BYTES, and none when fewer than RUN_MIN steps fit: exactly, each time."""
     lengths = []
     original = compiled.CompiledRungeKutta.run_vjp
 
@@ -108,16 +109,18 @@ def test_discrete_replays_runs_within_the_byte_bound(counter, monkeypatch):
     field = Field().to(DT)
     y0 = torch.randn(4, 2, dtype=DT)
     t = torch.tensor([0.0, 0.8], dtype=DT)
-    state = y0.numel() * y0.element_size()
     options = dict(method="rk4", gradient="discrete", step_size=0.02)  # 40 steps
     assert_same(field, y0, t, **options)
-    assert lengths == [40]
+    assert lengths == [39]  # the last step replayed singly, measured
+    per_step = [v for k, v in compiled._CACHE[id(field)][1].items()
+                if isinstance(k, tuple) and k[0] == "replay bytes"]
+    assert len(per_step) == 1 and per_step[0] > y0.numel() * y0.element_size()
     lengths.clear()
-    monkeypatch.setattr(compiled, "RUN_REPLAY_MAX_BYTES", 6 * state)
+    monkeypatch.setattr(compiled, "RUN_REPLAY_MAX_BYTES", 6 * per_step[0])
     assert_same(field, y0, t, **options)
     assert lengths == [6] * 6 + [4]  # from the end back: six runs of 6, then steps 0-3
     lengths.clear()
-    monkeypatch.setattr(compiled, "BLOCK_REPLAY_MAX_BYTES", state - 1)
+    monkeypatch.setattr(compiled, "RUN_REPLAY_MAX_BYTES", 2 * per_step[0])
     assert_same(field, y0, t, **options)
     assert lengths == []
 

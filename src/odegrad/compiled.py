@@ -383,6 +383,16 @@ class CompiledRungeKutta(ExplicitRungeKutta):
         k = 2 if k1_in is not None else 1
         return grads[0], (grads[1] if k1_in is not None else None), grads[k:]
 
+    def replay_bytes(self, y: Tensor) -> int | None:
+        """The bytes one step's replay from a state like `y` saves for its backward, as
+        measured by the discrete sweep (note_replay_bytes), or None."""
+        return _entries(self._field, self._key).get(("replay bytes", y.shape, y.dtype,
+                                                     y.device))
+
+    def note_replay_bytes(self, y: Tensor, nbytes: int) -> None:
+        _entries(self._field, self._key)[("replay bytes", y.shape, y.dtype, y.device)] = \
+            nbytes
+
     def _checked_key(self, y: Tensor) -> tuple:
         return ("outputs checked", y.shape, y.dtype, y.device)
 
@@ -660,8 +670,10 @@ BLOCK_REPLAY_MAX_BYTES = 1 << 18
 # steps a run takes (its scan has two or more, so its length stays symbolic).
 RUNS = True
 RUN_MIN = 3
-# The discrete sweep's replay of a run holds its steps' activations at once: runs replayed
-# are at most this many bytes of states (P1's 128 B state: 16384 steps; 256 KiB: 8).
+# The discrete sweep's replay of a run holds its steps' activations at once: a run replayed
+# saves at most this many bytes for its backward (one step's replay, measured, times the
+# steps; P1: 9.6 KB a step, so runs of up to 218 steps; the compare default's MLP: a step's
+# replay is over this, so step by step, as eager).
 RUN_REPLAY_MAX_BYTES = 1 << 21
 # Inductor's options on the CPU: the C++ wrapper (its Python one's buffer allocations and
 # extern calls cost about a fifth of a small field's step: P1, benchmarks/RESULTS.md §11),

@@ -39,6 +39,23 @@ class _Acc:
             self.value, self._owned = torch.add(self.value, x, alpha=alpha), True
 
 
+class _SavedBytes:
+    """Within it, the bytes autograd saves for backward passes (saved_tensors_hooks)."""
+
+    def __enter__(self) -> _SavedBytes:
+        self.total = 0
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda x: x)
+        self._hooks.__enter__()
+        return self
+
+    def _pack(self, x: Tensor) -> Tensor:
+        self.total += x.numel() * x.element_size()
+        return x
+
+    def __exit__(self, *exc) -> None:
+        self._hooks.__exit__(*exc)
+
+
 class _Backward:
     """The reverse sweep: λ = ∂L/∂y_{n+1} pulled back through steps N−1, …, 0 (ALGORITHMS §1)."""
 
@@ -225,6 +242,12 @@ class _Backward:
                 return
             m, state, carry = self.current
             assert m == n, (m, n)
+            if self.runs and self.solver.replay_bytes(state) is None:
+                # what one step's replay holds for its backward, which bounds runs' length
+                with _SavedBytes() as saved:
+                    self.reverse_replay(n, state, carry)
+                self.solver.note_replay_bytes(state, saved.total)
+                return
             self.reverse_replay(n, state, carry)
 
     def reverse_run(self, n: int) -> bool:
@@ -232,29 +255,28 @@ class _Backward:
         once, by one compiled replay of the run from the kept state of step `first`
         (CompiledRungeKutta.run_vjp): the longest stretch of steps ending at n with no
         rejected attempt and no output inside a step (outputs at step ends are cotangents of
-        the run's states), its first state kept, at most RUN_REPLAY_MAX_BYTES of states
-        (the replay holds the run's activations). False: blocks or step by step. The steps
-        below n in the run are then skipped by `reverse`."""
-        from ..compiled import BLOCK_REPLAY_MAX_BYTES, RUN_MIN, RUN_REPLAY_MAX_BYTES, RunRows
+        the run's states), its first state kept, whose replay holds at most
+        RUN_REPLAY_MAX_BYTES for its backward (one step's, measured on the first step replayed
+        singly, times the steps: the discrete adjoint's memory stays its checkpoints and a
+        bounded replay). False: blocks or step by step. The steps below n in the run are then
+        skipped by `reverse`."""
+        from ..compiled import RUN_MIN, RUN_REPLAY_MAX_BYTES, RunRows
 
         solver, steps, kept = self.solver, self.steps, self.run_.store.kept
         if (steps[n].rejected or n in self.inside
                 or (type(solver).observe is not Solver.observe
                     and (self.ends or self.lam is not None))):
             return False
-        m = n
-        state = kept.get(n)
-        state_bytes = None if state is None else state.state.numel() * \
-            state.state.element_size()
-        if state_bytes is None:  # (the nearest kept state below tells the size)
-            below = [k for k in kept if k <= n]
-            if not below:
-                return False
-            ref = kept[max(below)].state
-            state_bytes = ref.numel() * ref.element_size()
-        if state_bytes > BLOCK_REPLAY_MAX_BYTES:
+        below = [k for k in kept if k <= n]
+        if not below:
             return False
-        longest = max(RUN_MIN, RUN_REPLAY_MAX_BYTES // max(state_bytes, 1))
+        per_step = solver.replay_bytes(kept[max(below)].state)
+        if per_step is None:  # not measured yet: this step singly, measured
+            return False
+        longest = RUN_REPLAY_MAX_BYTES // max(per_step, 1)
+        if longest < RUN_MIN:
+            return False
+        m = n
         while m > 0 and n - m + 2 <= longest and not steps[m - 1].rejected \
                 and (m - 1) not in self.inside:
             m -= 1
