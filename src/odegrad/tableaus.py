@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from functools import cache
+from functools import cache, cached_property
 
 import numpy as np
 
@@ -45,8 +45,8 @@ class ButcherTableau:
     def adaptive(self) -> bool:
         return self.error is not None
 
-    @property
-    def explicit(self) -> bool:
+    @cached_property
+    def explicit(self) -> bool:  # (cached: checked at every solver's construction)
         return bool(np.all(np.triu(self.a) == 0.0))
 
     def dense_weights(self, theta: float) -> np.ndarray:

@@ -8,7 +8,9 @@ subset it takes next to a method whose own options are `names` (default: all of 
 
 from __future__ import annotations
 
+import functools
 import importlib
+import importlib.util
 from types import ModuleType
 
 # name -> module path. Only names whose module exists are offered.
@@ -22,12 +24,15 @@ GRADIENT_MODULES: dict[str, str] = {
 
 
 def available_gradients() -> list[str]:
-    """The gradient names whose implementation is present."""
-    names = []
-    for name, path in GRADIENT_MODULES.items():
-        if importlib.util.find_spec(path) is not None:
-            names.append(name)
-    return names
+    """The gradient names whose implementation is present (looked up once: a module search
+    on the file system costs ~0.1 ms a name, and every solve asks)."""
+    return list(_present())
+
+
+@functools.cache
+def _present() -> tuple[str, ...]:
+    return tuple(name for name, path in GRADIENT_MODULES.items()
+                 if importlib.util.find_spec(path) is not None)
 
 
 def load_gradient(name: str) -> ModuleType:
