@@ -57,8 +57,8 @@ def test_traced_step_matches_eager(counter, method, gradient, extra):
     assert counter.frame_count >= 1
 
 
-@pytest.mark.parametrize("gradient", ["direct", "discrete"])
-def test_no_recompilation_for_new_times_or_step_counts(counter, gradient):
+def rk4_solves(gradient):
+    """run(t, step_size): an rk4 solve with compile=True and its backward, for one field."""
     torch.manual_seed(0)
     field = Field().to(DT)
     y0 = torch.randn(4, 2, dtype=DT)
@@ -68,6 +68,12 @@ def test_no_recompilation_for_new_times_or_step_counts(counter, gradient):
         ys = odegrad.odeint(field, y, torch.tensor(t, dtype=DT), method="rk4",
                             step_size=step_size, gradient=gradient, compile=True)
         (ys[-1] ** 2).sum().backward()
+    return run
+
+
+@pytest.mark.parametrize("gradient", ["direct", "discrete"])
+def test_no_recompilation_for_new_times_or_step_counts(counter, gradient):
+    run = rk4_solves(gradient)
 
     run([0.0, 1.0], 0.1)
     run([0.0, 0.1], 0.05)  # two steps: no stage-time table in the loop, single steps
@@ -87,15 +93,7 @@ def test_no_recompilation_for_new_times_or_step_counts(counter, gradient):
 def test_blocks_do_not_recompile(counter, monkeypatch, gradient):
     """Without runs (CUDA, or an f whose run does not compile): blocks, compiled once."""
     monkeypatch.setattr(compiled, "RUNS", False)
-    torch.manual_seed(0)
-    field = Field().to(DT)
-    y0 = torch.randn(4, 2, dtype=DT)
-
-    def run(t, step_size):
-        y = y0.clone().requires_grad_()
-        ys = odegrad.odeint(field, y, torch.tensor(t, dtype=DT), method="rk4",
-                            step_size=step_size, gradient=gradient, compile=True)
-        (ys[-1] ** 2).sum().backward()
+    run = rk4_solves(gradient)
 
     run([0.0, 1.0], 0.1)
     first = counter.frame_count

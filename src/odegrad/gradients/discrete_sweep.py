@@ -303,10 +303,7 @@ class _Backward:
         if out is None:
             self.runs = False
             return False
-        self.lam, k1_bar, param_grads = out
-        self.carry_bar = [k1_bar] if solver.fsal else []
-        self.add_params(list(param_grads))
-        self.block_from = first
+        self.pulled_back_to(first, out)
         return True
 
     def reverse_block(self, n: int) -> bool:
@@ -342,11 +339,16 @@ class _Backward:
                                self.params)
         if out is None:
             return False
+        self.pulled_back_to(first, out)
+        return True
+
+    def pulled_back_to(self, first: int, out: tuple) -> None:
+        """Take a run's or a block's pull-back (∂/∂y_first, ∂/∂K_1, the parameters'
+        gradients): `reverse` then skips the steps down to `first`."""
         self.lam, k1_bar, param_grads = out
-        self.carry_bar = [k1_bar] if solver.fsal else []
+        self.carry_bar = [k1_bar] if self.solver.fsal else []
         self.add_params(list(param_grads))
         self.block_from = first
-        return True
 
     # ---- one step back: explicit Runge–Kutta ------------------------------------------------
 
