@@ -6,10 +6,13 @@ falling back to blocks, with a warning, for an f whose run does not compile.
 The counting backend (conftest `counter`) runs the captured graphs eagerly; the inductor
 checks are marked slow."""
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
 
+import odegrad
 from compiled_cases import DT, Field
 from odegrad import compiled
 from test_compiled import assert_same, calls
@@ -86,8 +89,6 @@ def test_run_that_does_not_compile_falls_back_to_blocks(counter, monkeypatch):
     with pytest.warns(RuntimeWarning, match="compiled blocks of 8"):
         assert_same(field, y0, t, method="rk4", gradient="direct", step_size=0.05)
     assert seen["block"] >= 1
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         assert_same(field, y0, t, method="rk4", gradient="discrete", step_size=0.05)
@@ -173,3 +174,31 @@ def test_inductor_runs_match_eager_whatever_n(method, extra):
     for gradient in ("direct", "discrete"):
         assert_same(field, y0, t, method=method, gradient=gradient, step_size=0.01, **extra)
     assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_tuple_state_runs(counter, monkeypatch):
+    """A tuple state (its flat view inside the scan) runs, equal to eager, direct and
+    discrete, with no fallback warning."""
+    seen = calls(monkeypatch)
+    torch.manual_seed(0)
+    w = torch.randn(3, 3, dtype=DT, requires_grad=True)
+
+    def f(t, state):
+        x, v = state
+        return v, torch.tanh(x @ w) - 0.1 * v
+
+    x0, v0 = torch.randn(2, 3, dtype=DT), torch.randn(2, 3, dtype=DT)
+
+    def run(compile_, gradient):
+        x, v = x0.clone().requires_grad_(), v0.clone().requires_grad_()
+        xs, vs = odegrad.odeint(f, (x, v), torch.tensor([0.0, 1.0], dtype=DT), method="rk4",
+                                step_size=0.1, gradient=gradient, params=[w],
+                                compile=compile_)
+        return torch.autograd.grad((xs[-1] ** 2).sum() + vs[-1].sum(), [x, v, w])
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        for gradient in ("direct", "discrete"):
+            for a, b in zip(run(True, gradient), run(False, gradient), strict=True):
+                assert torch.allclose(a, b, rtol=1e-12, atol=0)
+    assert seen["run"] >= 2 and seen["block"] == 0
