@@ -238,7 +238,9 @@ class _Backward:
             self.block_from = None
             if self.runs and self.reverse_run(n):
                 return
-            if self.block_table is not None and self.reverse_block(n):
+            # (with runs on, no blocks: the first step replayed singly is measured, and a
+            # block would hold BLOCK steps' replay where a run of that many was refused)
+            if not self.runs and self.block_table is not None and self.reverse_block(n):
                 return
             m, state, carry = self.current
             assert m == n, (m, n)
