@@ -615,20 +615,10 @@ class _StagesOnDemand(Sequence):
 
 
 def _table_row(stage_times: Sequence[Tensor]) -> tuple[Tensor, int] | None:
-    """(table, n) when the stage times are row n of the loop's stage-time table (its 0-dim
-    views, loop._StageTimeRows, which say so: loop.StageTimes), else None."""
+    """(table, n) when the stage times are row n of the loop's stage-time table
+    (loop.StageTimes says so), else None."""
     table = getattr(stage_times, "table", None)
-    if table is not None:
-        return table, stage_times.row
-    first = stage_times[0]
-    table = first._base if isinstance(first, Tensor) else None
-    if (table is None or first.dim() != 0 or table.dim() != 2 or table.stride(1) != 1
-            or table.shape[1] != len(stage_times)):
-        return None
-    n, column = divmod(first.storage_offset() - table.storage_offset(), table.stride(0))
-    if column or not 0 <= n < table.shape[0]:
-        return None
-    return table, n
+    return None if table is None else (table, stage_times.row)
 
 
 class _ProxyFallbackNote(logging.Filter):

@@ -402,8 +402,8 @@ def _emit_outputs(
     Only the step's anchored end is read as y_{n+1} itself; an output that merely coincides
     with a grid point is read from the interpolant (θ ≈ 1), so its time derivative is right.
     """
-    tol = 1e-12 * max(abs(t_next), abs(record.h))
-    while next_output < len(times) and direction * (times[next_output] - t_next) <= tol:
+    while next_output < len(times) and _reached(times[next_output], t_next, record.h,
+                                                direction):
         i = next_output
         if i == record.end_anchor:
             outputs[i] = solver.observe(step.y)
@@ -418,14 +418,19 @@ def _emit_outputs(
     return next_output
 
 
+def _reached(time: float, t_next: float, h: float, direction: float) -> bool:
+    """Whether the step of size h ending at t_next reaches the output time `time` (to a
+    relative 1e-12: `_emit_outputs` reads it from that step)."""
+    return direction * (time - t_next) <= 1e-12 * max(abs(t_next), abs(h))
+
+
 def _steps_with_inside_outputs(times: list[float], plan: list, direction: float) -> list[int]:
     """The steps of a fixed plan that `_emit_outputs` will read an output inside of (from the
     dense output), found with the loop's own float arithmetic for t_n."""
     found, t_n, next_output = [], times[0], 1
     for n, (h, end_anchor, _, _) in enumerate(plan):
         t_next = t_n + h if end_anchor is None else times[end_anchor]
-        tol = 1e-12 * max(abs(t_next), abs(h))
-        while next_output < len(times) and direction * (times[next_output] - t_next) <= tol:
+        while next_output < len(times) and _reached(times[next_output], t_next, h, direction):
             if next_output != end_anchor and (not found or found[-1] != n):
                 found.append(n)
             next_output += 1

@@ -265,14 +265,12 @@ class _Backward:
         from ..compiled import RUN_MIN, RUN_REPLAY_MAX_BYTES, RunRows
 
         solver, steps, kept = self.solver, self.steps, self.run_.store.kept
-        if (steps[n].rejected or n in self.inside
+        if (not kept or steps[n].rejected or n in self.inside
                 or (type(solver).observe is not Solver.observe
                     and (self.ends or self.lam is not None))):
             return False
-        below = [k for k in kept if k <= n]
-        if not below:
-            return False
-        per_step = solver.replay_bytes(kept[max(below)].state)
+        # (every kept state has the state's shape: any one tells the measured bytes)
+        per_step = solver.replay_bytes(next(iter(kept.values())).state)
         if per_step is None:  # not measured yet: this step singly, measured
             return False
         longest = RUN_REPLAY_MAX_BYTES // max(per_step, 1)
