@@ -30,3 +30,23 @@ def gradients(field, y0, t, **kwargs):
     inputs = [y0, *field.parameters()] + ([t] if t.requires_grad else [])
     grads = torch.autograd.grad(loss, inputs)
     return sol.ys.detach(), torch.cat([g.reshape(-1) for g in grads]), sol.stats
+
+
+def tuple_state_problem():
+    """gradients(compile_, t, **options): ∂L/∂(x0, v0, w) of Σ x² over every output + v(t_end)
+    summed, for the tuple state (x, v)' = (v, tanh(x w) − 0.1 v); one f for every call (so
+    compiled graphs are reused)."""
+    torch.manual_seed(0)
+    w = torch.randn(3, 3, dtype=DT, requires_grad=True)
+    x0, v0 = torch.randn(2, 3, dtype=DT), torch.randn(2, 3, dtype=DT)
+
+    def f(t, state):
+        x, v = state
+        return v, torch.tanh(x @ w) - 0.1 * v
+
+    def gradients(compile_: bool, t: list[float], **options):
+        x, v = x0.clone().requires_grad_(), v0.clone().requires_grad_()
+        xs, vs = odegrad.odeint(f, (x, v), torch.tensor(t, dtype=DT), params=[w],
+                                compile=compile_, **options)
+        return torch.autograd.grad((xs ** 2).sum() + vs[-1].sum(), [x, v, w])
+    return gradients

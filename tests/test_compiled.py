@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import odegrad
-from compiled_cases import DT, Field, gradients
+from compiled_cases import DT, Field, gradients, tuple_state_problem
 from odegrad import compiled
 from odegrad.errors import InvalidInputError, UnsupportedCombinationError
 
@@ -225,24 +225,11 @@ def test_cache_is_keyed_on_f_not_on_the_call(counter, monkeypatch):
 
 def test_tuple_state(counter, monkeypatch):
     monkeypatch.setattr(compiled, "RUNS", False)  # (runs of tuple states: test_runs_*)
-    torch.manual_seed(0)
-    w = torch.randn(3, 3, dtype=DT, requires_grad=True)
-
-    def f(t, state):
-        x, v = state
-        return v, torch.tanh(x @ w) - 0.1 * v
-
-    x0, v0 = torch.randn(2, 3, dtype=DT), torch.randn(2, 3, dtype=DT)
-
-    def run(compile_):
-        x, v = x0.clone().requires_grad_(), v0.clone().requires_grad_()
-        xs, vs = odegrad.odeint(f, (x, v), torch.tensor([0.0, 1.0], dtype=DT), method="rk4",
-                                step_size=0.1, gradient="discrete", params=[w],
-                                compile=compile_)
-        return torch.autograd.grad((xs[-1] ** 2).sum() + vs[-1].sum(), [x, v, w])
-
-    got, want = run(True), run(False)
-    run(True)
+    solve = tuple_state_problem()
+    options = dict(method="rk4", step_size=0.1, gradient="discrete")
+    got = solve(True, [0.0, 1.0], **options)
+    want = solve(False, [0.0, 1.0], **options)
+    solve(True, [0.0, 1.0], **options)
     for a, b in zip(got, want, strict=True):
         assert torch.allclose(a, b, rtol=1e-12, atol=0)
     # the no-grad forward's block and single step, and the replay's, each compiled once

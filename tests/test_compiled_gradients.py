@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import odegrad
-from compiled_cases import DT, Field, gradients
+from compiled_cases import DT, Field, gradients, tuple_state_problem
 from odegrad import compiled
 from odegrad.errors import UnsupportedCombinationError
 
@@ -133,23 +133,11 @@ def test_no_recompilation_for_new_times_or_step_counts(counter, method, gradient
 
 @pytest.mark.slow
 def test_reversible_tuple_state(counter):
-    torch.manual_seed(0)
-    w = torch.randn(3, 3, dtype=DT, requires_grad=True)
-
-    def f(t, state):
-        x, v = state
-        return v, torch.tanh(x @ w) - 0.1 * v
-
-    x0, v0 = torch.randn(2, 3, dtype=DT), torch.randn(2, 3, dtype=DT)
-
-    def run(compile_):
-        x, v = x0.clone().requires_grad_(), v0.clone().requires_grad_()
-        xs, vs = odegrad.odeint(f, (x, v), torch.tensor([0.0, 0.45, 1.0], dtype=DT),
-                                method="alf", adaptive=False, step_size=0.1,
-                                gradient="reversible", params=[w], compile=compile_)
-        return torch.autograd.grad((xs ** 2).sum() + vs[-1].sum(), [x, v, w])
-
-    for got, want in zip(run(True), run(False), strict=True):
+    solve = tuple_state_problem()
+    options = dict(method="alf", adaptive=False, step_size=0.1, gradient="reversible")
+    t = [0.0, 0.45, 1.0]
+    for got, want in zip(solve(True, t, **options),
+                         solve(False, t, **options), strict=True):
         assert float((got - want).norm() / want.norm()) < 1e-12
 
 

@@ -12,8 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-import odegrad
-from compiled_cases import DT, Field
+from compiled_cases import DT, Field, tuple_state_problem
 from odegrad import compiled
 from test_compiled import assert_same, calls
 
@@ -180,26 +179,13 @@ def test_tuple_state_runs(counter, monkeypatch):
     """A tuple state (its flat view inside the scan) runs, equal to eager, direct and
     discrete, with no fallback warning."""
     seen = calls(monkeypatch)
-    torch.manual_seed(0)
-    w = torch.randn(3, 3, dtype=DT, requires_grad=True)
-
-    def f(t, state):
-        x, v = state
-        return v, torch.tanh(x @ w) - 0.1 * v
-
-    x0, v0 = torch.randn(2, 3, dtype=DT), torch.randn(2, 3, dtype=DT)
-
-    def run(compile_, gradient):
-        x, v = x0.clone().requires_grad_(), v0.clone().requires_grad_()
-        xs, vs = odegrad.odeint(f, (x, v), torch.tensor([0.0, 1.0], dtype=DT), method="rk4",
-                                step_size=0.1, gradient=gradient, params=[w],
-                                compile=compile_)
-        return torch.autograd.grad((xs[-1] ** 2).sum() + vs[-1].sum(), [x, v, w])
-
+    solve = tuple_state_problem()
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         for gradient in ("direct", "discrete"):
-            for a, b in zip(run(True, gradient), run(False, gradient), strict=True):
+            options = dict(method="rk4", step_size=0.1, gradient=gradient)
+            for a, b in zip(solve(True, [0.0, 1.0], **options),
+                            solve(False, [0.0, 1.0], **options), strict=True):
                 assert torch.allclose(a, b, rtol=1e-12, atol=0)
     assert seen["run"] >= 2 and seen["block"] == 0
 
